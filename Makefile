@@ -1,0 +1,40 @@
+# Every target installs what it needs first: `make run` and `make test` work on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench migrate reconcile clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/base.txt requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	touch $(STAMP)
+
+## Start PostgreSQL and Redis (embedded unless DATABASE_URL / REDIS_URL are set), migrate,
+## then the API on :8080, workers, beat and Flower on :5555.
+run: install
+	$(BIN)/python -m scripts.run
+
+## The whole test suite against real PostgreSQL, Redis, gunicorn and Celery workers.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Only the tests that need no extra processes (seconds).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" tests/common tests/api $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+migrate: install
+	$(BIN)/alembic upgrade head
+
+reconcile: install
+	$(BIN)/flask --app api wallet reconcile
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,78 @@
+"""Request bodies and query strings in, validated models out; JSON numbers become `Decimal`."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from decimal import Decimal
+from typing import TypeVar
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from common.errors import MalformedRequest, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_body() -> object:
+    """The body as JSON, numbers exact (never through a float), NaN/Infinity refused."""
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedRequest("request body is not valid JSON", {"reason": str(exc)[:200]}) from None
+
+
+def parse_body(model: type[M]) -> M:
+    data = json_body()
+    if not isinstance(data, dict):
+        raise MalformedRequest("request body must be a JSON object")
+    return validate(model, data)
+
+
+def validate(model: type[M], data: dict) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed("request body is invalid", [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]) from None
+
+
+def encode_cursor(after_id: int | None) -> str | None:
+    if after_id is None:
+        return None
+    return base64.urlsafe_b64encode(f"v1:{after_id}".encode()).decode().rstrip("=")
+
+
+def page_args() -> tuple[int | None, int]:
+    """(id to continue after, page size) from `cursor` and `limit`."""
+    limit = int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    cursor = request.args.get("cursor")
+    if not cursor:
+        return None, limit
+    try:
+        version, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
+        if version != "v1" or not value.isdigit() or len(value) > 19:
+            raise ValueError
+        return int(value), limit
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise MalformedRequest("cursor is not one this API issued", {"parameter": "cursor"}) from None
+
+
+def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not low <= int(raw) <= high:
+        raise MalformedRequest(f"{name} must be an integer from {low} to {high}", {"parameter": name})
+    return int(raw)

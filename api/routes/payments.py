@@ -1,0 +1,113 @@
+"""Payments: accept (202, then poll), read, list; batches."""
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, request
+
+from api import render
+from api.parsing import encode_cursor, int_arg, page_args, parse_body, validate
+from api.routes.idempotency import idempotency_key
+from api.schemas import MAX_ID, BatchCreate, PaymentCreate
+from api.wallet import wallet
+from common import ledger, queries
+from common.errors import MalformedRequest, ValidationFailed, WalletError
+
+bp = Blueprint("payments", __name__)
+log = logging.getLogger("wallet.api")
+
+STATUSES = ("pending", "completed", "failed")
+
+
+def _request(body: PaymentCreate) -> ledger.PaymentRequest:
+    return ledger.PaymentRequest(body.buyer_account_id, body.seller_account_id, body.amount,
+                                 body.currency_id)
+
+
+@bp.post("/payments")
+def create_payment():
+    req = _request(parse_body(PaymentCreate))
+    w = wallet()
+    key = idempotency_key("payment", req.canonical(ledger.check_payment(w.currencies, req)))
+    with w.db.transaction() as session:
+        row, created = ledger.submit_payment(session, w.currencies, req, key)
+    if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
+        w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])
+    return render.payment(row, w.currencies), 202, {"Location": f"/payments/{row['id']}"}
+
+
+@bp.get("/payments/<id:payment_id>")
+def get_payment(payment_id: int):
+    w = wallet()
+    with w.db.transaction() as session:
+        row = queries.get_payment(session, payment_id)
+    return render.payment(row, w.currencies)
+
+
+@bp.get("/payments")
+def list_payments():
+    after, limit = page_args()
+    status = request.args.get("status")
+    if status is not None and status not in STATUSES:
+        raise MalformedRequest(f"status must be one of {', '.join(STATUSES)}", {"parameter": "status"})
+    w = wallet()
+    with w.db.transaction() as session:
+        page = queries.list_payments(
+            session, after=after, limit=limit, status=status,
+            account_id=int_arg("account_id", None, 1, MAX_ID),
+            batch_id=int_arg("batch_id", None, 1, MAX_ID))
+    return {"payments": [render.payment(r, w.currencies) for r in page.rows],
+            "next_cursor": encode_cursor(page.next_after)}
+
+
+@bp.post("/payments/batch")
+def create_batch():
+    body = parse_body(BatchCreate)
+    w = wallet()
+    if len(body.payments) > w.settings.max_batch_items:
+        raise ValidationFailed(f"a batch holds at most {w.settings.max_batch_items} payments")
+    reqs = _batch_requests(body.payments)
+    canonical = {"atomic": body.atomic,
+                 "payments": [r.canonical(ledger.check_payment(w.currencies, r)) for r in reqs]}
+    key = idempotency_key("batch", canonical)
+    with w.db.transaction() as session:
+        batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
+    if created:
+        _enqueue_batch(w, batch_id, rows, body.atomic)
+    return ({"batch_id": batch_id, "atomic": body.atomic,
+             "payments": [render.payment(r, w.currencies) for r in rows]},
+            202, {"Location": f"/batches/{batch_id}"})
+
+
+def _batch_requests(items: list[dict]) -> list[ledger.PaymentRequest]:
+    """Validate every item; report all bad ones at once, with their index."""
+    reqs, problems = [], []
+    w = wallet()
+    for index, item in enumerate(items):
+        try:
+            req = _request(validate(PaymentCreate, item))
+            ledger.check_payment(w.currencies, req)
+            reqs.append(req)
+        except WalletError as exc:
+            problems.append({"index": index, "code": exc.code, "message": exc.message,
+                             "details": exc.details})
+    if problems:
+        raise ValidationFailed(f"{len(problems)} of {len(items)} payments are invalid; none was recorded",
+                               problems)
+    return reqs
+
+
+def _enqueue_batch(w, batch_id: int, rows, atomic: bool) -> None:
+    if not atomic:
+        w.dispatcher.submit([(r["id"], r["buyer_account_id"], r["seller_account_id"]) for r in rows])
+        return
+    try:
+        w.sender.send_atomic_batch(batch_id)
+    except Exception:  # committed: the sweeper sends it
+        log.exception("enqueue of atomic batch %s failed; the sweeper will send it", batch_id)
+
+
+@bp.get("/batches/<id:batch_id>")
+def get_batch(batch_id: int):
+    with wallet().db.transaction() as session:
+        return render.batch(queries.get_batch(session, batch_id))

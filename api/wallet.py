@@ -1,0 +1,34 @@
+"""What one API process holds: settings, the database pool, the currencies and the dispatcher."""
+from __future__ import annotations
+
+import functools
+
+from flask import current_app
+
+from common.db import Database
+from common.ledger import Currencies
+from common.messaging import Dispatcher, Sender, make_celery
+from common.settings import Settings
+
+
+class Wallet:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db = Database(settings)
+        self.celery = make_celery(settings)
+        self.sender = Sender(self.celery, settings)
+        self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms)
+        self._currencies: Currencies | None = None
+
+    @property
+    def currencies(self) -> Currencies:
+        # Seeded by a migration and never changed at run time: loaded once, on first use (not at
+        # start-up, so an API process starts even while the database is down).
+        if self._currencies is None:
+            with self.db.transaction() as session:
+                self._currencies = Currencies.load(session)
+        return self._currencies
+
+
+def wallet() -> Wallet:
+    return current_app.extensions["wallet"]

@@ -1,0 +1,151 @@
+"""The Celery application's configuration and the sending side of the payment queues.
+
+Both the API (which sends) and the worker (which consumes) build their Celery app here, so the
+queue layout and task names cannot drift apart. Messages carry payment ids only, and are sent
+only after the rows they name are committed: PostgreSQL, not Redis, is the record of a payment.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from common import routing
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APPLY_PAYMENTS = "wallet.apply_payments"
+APPLY_ATOMIC_BATCH = "wallet.apply_atomic_batch"
+SWEEP = "wallet.sweep"
+DEFAULT_QUEUE = "wallet"
+
+# A publish that cannot reach the broker gives up quickly: the payment row is committed and the
+# sweeper will send it, so blocking a request (or the dispatcher) for long buys nothing.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("wallet", broker=settings.broker_url, set_as_current=True)
+    # Each queue is bound with its own routing key (a Queue without one would be bound with the
+    # default key, and one publish would reach every queue).
+    exchange = Exchange("payments", type="direct")
+    payment_queues = [Queue(routing.queue_name(k), exchange, routing_key=routing.queue_name(k))
+                      for k in range(settings.queues)]
+    transport_options = {"visibility_timeout": 3600}
+    if settings.broker_url.startswith("amqp"):
+        # Without publisher confirms RabbitMQ drops a publish silently during a resource alarm.
+        transport_options = {"confirm_publish": True}
+    app.conf.update(
+        task_queues=[Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE, type="direct"),
+                           routing_key=DEFAULT_QUEUE), *payment_queues],
+        task_default_queue=DEFAULT_QUEUE,
+        task_default_exchange=DEFAULT_QUEUE,
+        task_default_routing_key=DEFAULT_QUEUE,
+        task_create_missing_queues=False,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A message is acknowledged only once its transaction has committed; a worker process
+        # killed mid-task has its message delivered again. Applying is idempotent, so that is safe.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Short tasks: prefetch little, so a dead worker strands few messages (the sweeper brings
+        # them back from PostgreSQL in seconds rather than after the visibility timeout).
+        worker_prefetch_multiplier=4,
+        worker_concurrency=settings.worker_concurrency,
+        task_time_limit=120,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        task_publish_retry_policy=PUBLISH_RETRY,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "sweep-pending-payments": {
+                "task": SWEEP,
+                "schedule": settings.sweep_interval_seconds,
+                "options": {"queue": DEFAULT_QUEUE, "expires": settings.sweep_interval_seconds * 5},
+            },
+        },
+    )
+    return app
+
+
+class Sender:
+    """Sends payment ids to their queues, one message per queue touched."""
+
+    def __init__(self, celery: Celery, settings: Settings):
+        self._celery = celery
+        self._queues = settings.queues
+
+    def send_payments(self, payments: Iterable[tuple[int, int, int]]) -> int:
+        """payments: (id, buyer, seller) already committed. Returns the number of messages."""
+        by_queue: dict[int, list[int]] = defaultdict(list)
+        for payment_id, buyer, seller in payments:
+            by_queue[routing.queue_index(buyer, seller, self._queues)].append(payment_id)
+        for index, ids in by_queue.items():
+            self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)],
+                                   queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
+        return len(by_queue)
+
+    def send_atomic_batch(self, batch_id: int) -> None:
+        index = routing.batch_queue_index(batch_id, self._queues)
+        self._celery.send_task(APPLY_ATOMIC_BATCH, args=[batch_id],
+                               queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
+
+
+class Dispatcher:
+    """Batches committed payments of many requests into few messages, from a background thread.
+
+    A request hands over its committed payment and returns at once; the thread sends what
+    gathered in the last few milliseconds, one message per queue. What is lost here (a crash, a
+    broker outage) is still `pending` in PostgreSQL and the sweeper sends it again.
+    """
+
+    def __init__(self, sender: Sender, window_ms: float, max_ids: int = 500):
+        self._sender = sender
+        self._window_s = window_ms / 1000
+        self._max_ids = max_ids
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, payments: Sequence[tuple[int, int, int]]) -> None:
+        self._ensure_thread()
+        for payment in payments:
+            self._inbox.put(payment)
+
+    def _ensure_thread(self) -> None:
+        # gunicorn forks after the app may have been built: each process needs its own thread.
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():
+                self._inbox = queue.SimpleQueue()
+                threading.Thread(target=self._run, name="wallet-dispatcher", daemon=True).start()
+                self._pid = os.getpid()
+
+    def _run(self) -> None:
+        inbox = self._inbox
+        while True:
+            batch = [inbox.get()]
+            deadline = time.monotonic() + self._window_s
+            while len(batch) < self._max_ids:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(inbox.get(timeout=remaining))
+                except queue.Empty:
+                    break
+            try:
+                self._sender.send_payments(batch)
+            except Exception:  # the sweeper delivers them; a dead thread would deliver nothing
+                log.exception("dispatch failed for %d payments; the sweeper will send them", len(batch))

@@ -1,0 +1,85 @@
+"""The one place that reads the environment.
+
+Every process builds a `Settings` once (`get_settings()`) and passes it down; nothing else in the
+code base looks at `os.environ`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Pin the psycopg2 driver: SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgres", "postgresql"):
+        parts = parts._replace(scheme="postgresql+psycopg2")
+    return urlunsplit(parts)
+
+
+def hash_api_key(key: str) -> str:
+    # Keys are 32 random bytes, so a fast hash is enough; only the hash is ever kept.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/wallet"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queues: int = 8
+    api_key_hashes: frozenset[str] = field(default_factory=frozenset)
+    sweep_after_seconds: float = 10.0
+    sweep_interval_seconds: float = 2.0
+    dispatch_window_ms: float = 2.0
+    apply_max_payments: int = 500
+    max_body_bytes: int = 1024 * 1024
+    max_batch_items: int = 1000
+    db_pool_size: int = 5
+    db_max_overflow: int = 5
+    db_statement_timeout_ms: int = 30_000
+    worker_concurrency: int = 2
+    flower_basic_auth: str = ""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        d = cls()
+
+        def num(name: str, default, kind=int):
+            raw = env.get(name)
+            return default if raw in (None, "") else kind(raw)
+
+        keys = [k.strip() for k in env.get("WALLET_API_KEYS", "").split(",") if k.strip()]
+        return cls(
+            database_url=sqlalchemy_url(env.get("DATABASE_URL") or d.database_url),
+            broker_url=env.get("BROKER_URL") or env.get("REDIS_URL") or d.broker_url,
+            queues=num("WALLET_QUEUES", d.queues),
+            api_key_hashes=frozenset(hash_api_key(k) for k in keys),
+            sweep_after_seconds=num("WALLET_SWEEP_AFTER_SECONDS", d.sweep_after_seconds, float),
+            sweep_interval_seconds=num("WALLET_SWEEP_INTERVAL_SECONDS", d.sweep_interval_seconds, float),
+            dispatch_window_ms=num("WALLET_DISPATCH_WINDOW_MS", d.dispatch_window_ms, float),
+            apply_max_payments=num("WALLET_APPLY_MAX_PAYMENTS", d.apply_max_payments),
+            max_body_bytes=num("WALLET_MAX_BODY_BYTES", d.max_body_bytes),
+            max_batch_items=num("WALLET_MAX_BATCH_ITEMS", d.max_batch_items),
+            db_pool_size=num("WALLET_DB_POOL_SIZE", d.db_pool_size),
+            db_max_overflow=num("WALLET_DB_MAX_OVERFLOW", d.db_max_overflow),
+            db_statement_timeout_ms=num("WALLET_DB_STATEMENT_TIMEOUT_MS", d.db_statement_timeout_ms),
+            worker_concurrency=num("WALLET_WORKER_CONCURRENCY", d.worker_concurrency),
+            flower_basic_auth=env.get("FLOWER_BASIC_AUTH", ""),
+            log_level=env.get("WALLET_LOG_LEVEL", d.log_level),
+        )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.queues <= 1024:
+            raise ValueError("WALLET_QUEUES must be between 1 and 1024")
+        if not 1 <= self.max_batch_items <= 10_000:
+            raise ValueError("WALLET_MAX_BATCH_ITEMS must be between 1 and 10000")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings.from_env()

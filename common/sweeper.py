@@ -1,0 +1,31 @@
+"""Re-enqueue payments that stayed `pending` too long: a lost message delays a payment, never
+loses it. Safe to run anywhere and any number of times, because applying is idempotent."""
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from common.db import Database
+from common.messaging import Sender
+
+SWEEP_LIMIT = 10_000
+
+
+def sweep(db: Database, sender: Sender, older_than_seconds: float) -> int:
+    """Claim stale pending payments (skipping those a worker holds right now), mark them swept,
+    and send them after the commit. Returns how many were re-enqueued."""
+    with db.transaction() as session:
+        rows = session.execute(text(
+            "UPDATE payments p SET swept_at = now()"
+            " FROM (SELECT id FROM payments"
+            "       WHERE status = 'pending'"
+            "         AND coalesce(swept_at, created_at) < now() - make_interval(secs => :age)"
+            "       ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED) stale"
+            " WHERE p.id = stale.id"
+            " RETURNING p.id, p.buyer_account_id, p.seller_account_id, p.batch_id,"
+            "   (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id) AS atomic"
+        ), {"age": older_than_seconds, "limit": SWEEP_LIMIT}).all()
+    singles = [(r.id, r.buyer_account_id, r.seller_account_id) for r in rows if not r.atomic]
+    sender.send_payments(singles)
+    for batch_id in sorted({r.batch_id for r in rows if r.atomic}):
+        sender.send_atomic_batch(batch_id)
+    return len(rows)

@@ -1,0 +1,95 @@
+"""`make run`: the whole system on this machine, in the foreground; Ctrl-C stops it all.
+
+PostgreSQL and Redis come from DATABASE_URL / REDIS_URL, else embedded ones with data under
+./var/. Then: migrations, the API (gunicorn, :8080), a worker, beat (the sweeper) and Flower
+(:5555). A development API key is made once and kept in ./var/dev-api-key.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scripts.services import ROOT, create_database, ensure_services, migrate, with_database
+
+VAR = ROOT / "var"
+BIN = Path(sys.executable).parent
+API_PORT = int(os.environ.get("WALLET_API_PORT", "8080"))
+FLOWER_PORT = int(os.environ.get("WALLET_FLOWER_PORT", "5555"))
+
+
+def dev_secret(name: str, make) -> str:
+    path = VAR / name
+    if not path.exists():
+        VAR.mkdir(exist_ok=True)
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def main() -> int:
+    VAR.mkdir(exist_ok=True)
+    services = ensure_services(VAR, redis_port=int(os.environ.get("WALLET_REDIS_PORT", "6390")))
+    database_url = os.environ.get("DATABASE_URL") or create_database(services.database_url, "wallet")
+    migrate(database_url)
+
+    api_key = os.environ.get("WALLET_API_KEYS", "").split(",")[0] or \
+        dev_secret("dev-api-key", lambda: "dev_" + secrets.token_urlsafe(24))
+    flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or \
+        dev_secret("flower-auth", lambda: "admin:" + secrets.token_urlsafe(12))
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": services.redis_url,
+           "WALLET_API_KEYS": os.environ.get("WALLET_API_KEYS") or api_key,
+           "FLOWER_BASIC_AUTH": flower_auth, "PYTHONUNBUFFERED": "1"}
+    commands = {
+        "api": [BIN / "gunicorn", "api:create_app()", "--bind", f"0.0.0.0:{API_PORT}", "--workers", "2"],
+        "worker": [BIN / "celery", "-A", "worker", "worker", "--loglevel=INFO"],
+        "beat": [BIN / "celery", "-A", "worker", "beat", "--loglevel=INFO",
+                 f"--schedule={VAR / 'celerybeat-schedule'}"],
+        "flower": [BIN / "celery", "-A", "worker", "flower", f"--port={FLOWER_PORT}",
+                   f"--basic-auth={flower_auth}"],
+    }
+    logs = VAR / "logs"
+    logs.mkdir(exist_ok=True)
+    procs = {name: subprocess.Popen([str(c) for c in cmd], env=env, cwd=ROOT,
+                                    stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+             for name, cmd in commands.items()}
+    print(f"""
+Wallet service is starting.
+  API        http://localhost:{API_PORT}   (try: curl http://localhost:{API_PORT}/health)
+  API key    {api_key}
+             export WALLET_KEY={api_key}
+  Flower     http://localhost:{FLOWER_PORT}   (basic auth {flower_auth})
+  Database   {database_url}
+  Broker     {services.redis_url}
+  Logs       {logs}/{{api,worker,beat,flower}}.log
+Press Ctrl-C to stop.
+""", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        while True:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; see {logs / (name + '.log')}", flush=True)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping...", flush=True)
+        return 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        services.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The ledger's rules, on a real PostgreSQL, each test in a transaction rolled back afterwards."""
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import text
+
+from common import ledger
+from common.errors import (
+    CurrencyMismatch, FailureCode, IdempotencyConflict, InvalidAmount, SameAccount, UnknownAccount,
+    ValidationFailed,
+)
+
+
+@pytest.fixture
+def currencies(session):
+    return ledger.Currencies.load(session)
+
+
+def open_(session, currencies, amount, currency_id=1, name="a"):
+    row, created = ledger.open_account(session, currencies.by_id[currency_id], name, Decimal(amount))
+    assert created
+    return row["id"]
+
+
+def pay(session, currencies, buyer, seller, amount, currency_id=None):
+    return ledger.submit_payment(session, currencies,
+                                 ledger.PaymentRequest(buyer, seller, amount, currency_id))[0]
+
+
+def balance(session, account_id):
+    return session.execute(text("SELECT balance FROM accounts WHERE id = :id"), {"id": account_id}).scalar_one()
+
+
+def test_seeded_currencies(currencies):
+    assert currencies.by_id[1].code == "USD"
+    assert {c.code: c.scale for c in currencies.by_id.values()} == {"USD": 2, "EUR": 2, "BTC": 8, "ETH": 18}
+
+
+def test_opening_balance_is_an_entry_from_issuance(session, currencies):
+    account = open_(session, currencies, "1000")
+    entries = session.execute(text(
+        "SELECT account_id, amount, payment_id FROM ledger_entries WHERE account_id IN (:a, -1)"
+        " ORDER BY id DESC LIMIT 2"), {"a": account}).all()
+    assert {(e.account_id, e.amount, e.payment_id) for e in entries} == {
+        (account, Decimal("1000"), None), (-1, Decimal("-1000"), None)}
+    assert ledger.reconcile(session) == []
+
+
+def test_apply_moves_money_and_writes_entries(session, currencies):
+    buyer, seller = open_(session, currencies, "1000"), open_(session, currencies, "0")
+    payment = pay(session, currencies, buyer, seller, Decimal("500.1"))
+    assert payment["status"] == "pending"
+    [outcome] = ledger.apply_payments(session, [payment["id"]])
+    assert outcome.status == "completed"
+    assert (balance(session, buyer), balance(session, seller)) == (Decimal("499.9"), Decimal("500.1"))
+    assert ledger.reconcile(session) == []
+
+
+def test_apply_is_idempotent(session, currencies):
+    buyer, seller = open_(session, currencies, "10"), open_(session, currencies, "0")
+    payment = pay(session, currencies, buyer, seller, "10")
+    assert len(ledger.apply_payments(session, [payment["id"]])) == 1
+    assert ledger.apply_payments(session, [payment["id"]]) == []  # redelivered: nothing happens
+    assert balance(session, seller) == 10
+
+
+def test_insufficient_funds_fails_without_moving_money(session, currencies):
+    buyer, seller = open_(session, currencies, "5"), open_(session, currencies, "0")
+    payment = pay(session, currencies, buyer, seller, "5.01")
+    [outcome] = ledger.apply_payments(session, [payment["id"]])
+    assert outcome.failure_code == FailureCode.INSUFFICIENT_FUNDS
+    assert (balance(session, buyer), balance(session, seller)) == (5, 0)
+    assert ledger.reconcile(session) == []
+
+
+def test_each_payment_judged_in_order_as_if_alone(session, currencies):
+    a, b, c = (open_(session, currencies, x) for x in ("10", "0", "0"))
+    p1 = pay(session, currencies, a, b, "6")
+    p2 = pay(session, currencies, a, c, "6")   # only 4 left after p1
+    p3 = pay(session, currencies, b, c, "6")   # b received 6 from p1
+    outcomes = ledger.apply_payments(session, [p3["id"], p1["id"], p2["id"]])
+    assert [(o.payment_id, o.failure_code) for o in outcomes] == [
+        (p1["id"], None), (p2["id"], FailureCode.INSUFFICIENT_FUNDS), (p3["id"], None)]
+    assert [balance(session, x) for x in (a, b, c)] == [4, 0, 6]
+
+
+def test_frozen_account_fails_payment(session, currencies):
+    buyer, seller = open_(session, currencies, "10"), open_(session, currencies, "0")
+    ledger.set_account_status(session, seller, "frozen")
+    payment = pay(session, currencies, buyer, seller, "1")
+    [outcome] = ledger.apply_payments(session, [payment["id"]])
+    assert outcome.failure_code == FailureCode.ACCOUNT_FROZEN
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda a, b, x: ledger.PaymentRequest(a, a, "1"), SameAccount),
+    (lambda a, b, x: ledger.PaymentRequest(a, 10**15, "1"), UnknownAccount),
+    (lambda a, b, x: ledger.PaymentRequest(a, x, "1"), CurrencyMismatch),
+    (lambda a, b, x: ledger.PaymentRequest(a, b, "1", currency_id=2), CurrencyMismatch),
+    (lambda a, b, x: ledger.PaymentRequest(a, b, "1.001"), InvalidAmount),
+])
+def test_submit_refuses_and_writes_nothing(session, currencies, make, error):
+    a, b = open_(session, currencies, "10"), open_(session, currencies, "0")
+    eur = open_(session, currencies, "0", currency_id=2)
+    before = session.execute(text("SELECT count(*) FROM payments")).scalar_one()
+    with pytest.raises(error):
+        ledger.submit_payment(session, currencies, make(a, b, eur))
+    assert session.execute(text("SELECT count(*) FROM payments")).scalar_one() == before
+
+
+def test_batch_lists_every_bad_item(session, currencies):
+    a, b = open_(session, currencies, "10"), open_(session, currencies, "0")
+    reqs = [ledger.PaymentRequest(a, b, "1"), ledger.PaymentRequest(a, 10**15, "1"),
+            ledger.PaymentRequest(a, b, "1"), ledger.PaymentRequest(b, b, "1")]
+    with pytest.raises(ValidationFailed) as err:
+        ledger.submit_batch(session, currencies, reqs, atomic=False)
+    assert [(d["index"], d["code"]) for d in err.value.details] == [(1, "unknown_account"), (3, "same_account")]
+
+
+def test_atomic_batch_all_or_nothing(session, currencies):
+    a, b, c = (open_(session, currencies, x) for x in ("10", "0", "0"))
+    reqs = [ledger.PaymentRequest(a, b, "5"), ledger.PaymentRequest(b, c, "5"),   # chain A->B->C
+            ledger.PaymentRequest(c, a, "100")]                                   # cannot pay
+    batch_id, rows, _ = ledger.submit_batch(session, currencies, reqs, atomic=True)
+    assert ledger.apply_payments(session, [r["id"] for r in rows]) == []  # not on the single path
+    outcomes = ledger.apply_atomic_batch(session, batch_id)
+    assert [o.failure_code for o in outcomes] == [
+        FailureCode.BATCH_FAILED, FailureCode.BATCH_FAILED, FailureCode.INSUFFICIENT_FUNDS]
+    assert [balance(session, x) for x in (a, b, c)] == [10, 0, 0]
+    assert ledger.reconcile(session) == []
+
+
+def test_atomic_chain_completes(session, currencies):
+    a, b, c = (open_(session, currencies, x) for x in ("10", "0", "0"))
+    reqs = [ledger.PaymentRequest(a, b, "5"), ledger.PaymentRequest(b, c, "5")]
+    batch_id, _, _ = ledger.submit_batch(session, currencies, reqs, atomic=True)
+    assert [o.status for o in ledger.apply_atomic_batch(session, batch_id)] == ["completed"] * 2
+    assert [balance(session, x) for x in (a, b, c)] == [5, 0, 5]
+
+
+def test_idempotency_key_replays_and_conflicts(session, currencies):
+    a, b = open_(session, currencies, "10"), open_(session, currencies, "0")
+    req = ledger.PaymentRequest(a, b, "1")
+    key = ledger.IdempotencyKey.for_request("client", "k1", "payment", req.canonical(Decimal(1)))
+    first, created = ledger.submit_payment(session, currencies, req, key)
+    again, created_again = ledger.submit_payment(session, currencies, req, key)
+    assert (created, created_again, again["id"]) == (True, False, first["id"])
+    other = ledger.IdempotencyKey.for_request("client", "k1", "payment", req.canonical(Decimal(2)))
+    with pytest.raises(IdempotencyConflict):
+        ledger.submit_payment(session, currencies, ledger.PaymentRequest(a, b, "2"), other)
+
+
+def test_reconcile_reports_violations(session, currencies):
+    account = open_(session, currencies, "10")
+    session.execute(text("UPDATE accounts SET balance = balance + 1 WHERE id = :id"), {"id": account})
+    problems = ledger.reconcile(session)
+    assert any("USD: balances sum to 1" in p for p in problems)
+    assert any(f"account {account}: balance 11 but its entries sum to 10" in p for p in problems)
+
+
+def test_database_refuses_negative_customer_balance(session, currencies):
+    account = open_(session, currencies, "1")
+    with pytest.raises(Exception, match="accounts_customer_balance_nonnegative"):
+        with session.begin_nested():
+            session.execute(text("UPDATE accounts SET balance = -1 WHERE id = :id"), {"id": account})
