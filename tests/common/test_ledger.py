@@ -163,3 +163,30 @@ def test_database_refuses_negative_customer_balance(session, currencies):
     with pytest.raises(Exception, match="accounts_customer_balance_nonnegative"):
         with session.begin_nested():
             session.execute(text("UPDATE accounts SET balance = -1 WHERE id = :id"), {"id": account})
+
+
+def test_micro_batch_gives_the_same_result_as_one_by_one(session, currencies):
+    """The same payments over two identical sets of accounts: applied all in one transaction, or
+    each alone in its own call, end with the same outcomes and balances."""
+    import random
+    rng = random.Random(3)
+    openings = ["30", "5", "12.5", "0", "7"]
+    plan = [(rng.randrange(5), rng.randrange(5), rng.choice(["1", "2.5", "6", "11", "0.01"]))
+            for _ in range(200)]
+    plan = [(b, s, a) for b, s, a in plan if b != s]
+
+    def run(apply_together: bool):
+        ids = [open_(session, currencies, x) for x in openings]
+        reqs = [ledger.PaymentRequest(ids[b], ids[s], a) for b, s, a in plan]
+        rows = ledger.submit_payments(session, currencies, reqs)
+        payment_ids = [r["id"] for r in rows]
+        if apply_together:
+            outcomes = ledger.apply_payments(session, payment_ids)
+        else:
+            outcomes = [o for pid in payment_ids for o in ledger.apply_payments(session, [pid])]
+        return [o.failure_code for o in outcomes], [balance(session, i) for i in ids]
+
+    together, alone = run(True), run(False)
+    assert together == alone
+    assert FailureCode.INSUFFICIENT_FUNDS in together[0] and None in together[0]
+    assert ledger.reconcile(session) == []
