@@ -18,6 +18,7 @@ COPY worker/ worker/
 COPY common/ common/
 COPY migrations/ migrations/
 COPY alembic.ini alembic.ini
+COPY gunicorn.conf.py gunicorn.conf.py
 
 USER wallet
 

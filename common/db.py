@@ -42,7 +42,10 @@ class Database:
             settings.database_url,
             pool_size=pool_size or settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
-            pool_pre_ping=True,
+            # No pre-ping: it costs a round trip per checkout. A connection found dead raises a
+            # disconnect error, which invalidates the pool (the request answers 503, the next
+            # one reconnects).
+            pool_pre_ping=False,
             pool_timeout=5,
             connect_args={
                 "connect_timeout": 5,

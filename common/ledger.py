@@ -379,19 +379,19 @@ def _apply(session: Session, payments: Sequence[Any], *, atomic: bool) -> list[O
         outcomes = [Outcome(o.payment_id, o.failure_code or FailureCode.BATCH_FAILED) for o in outcomes]
         entries, balances = [], {i: row.balance for i, row in accounts.items()}
     changed = {i: b for i, b in balances.items() if b != accounts[i].balance}
-    if changed:
-        session.execute(text(
-            "UPDATE accounts a SET balance = v.balance, updated_at = now()"
-            " FROM unnest(CAST(:ids AS bigint[]), CAST(:balances AS numeric[])) AS v(id, balance)"
-            " WHERE a.id = v.id"
-        ), {"ids": list(changed), "balances": list(changed.values())})
-    _insert_entries(session, entries)
+    # One round trip for all the writes: balances, entries and payment statuses.
     session.execute(text(
-        "UPDATE payments p SET status = v.status, failure_code = v.code, completed_at = now()"
+        "WITH balances AS ("
+        "  UPDATE accounts a SET balance = v.balance, updated_at = now()"
+        "  FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric[])) AS v(id, balance)"
+        "  WHERE a.id = v.id RETURNING 1),"
+        f" entries AS ({_INSERT_ENTRIES} RETURNING 1)"
+        " UPDATE payments p SET status = v.status, failure_code = v.code, completed_at = now()"
         " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:codes AS text[]))"
         "      AS v(id, status, code)"
         " WHERE p.id = v.id"
-    ), {"ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
+    ), {"account_ids": list(changed), "balances": list(changed.values()), **_entry_params(entries),
+        "ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
         "codes": [o.failure_code and str(o.failure_code) for o in outcomes]})
     return outcomes
 
@@ -404,19 +404,24 @@ def _refusal(p: Any, accounts: Mapping[int, Any], balances: Mapping[int, Decimal
     return None
 
 
-def _insert_entries(session: Session, entries: Sequence[tuple]) -> None:
+_INSERT_ENTRIES = (
+    "INSERT INTO ledger_entries (account_id, payment_id, amount, balance_after)"
+    " SELECT e.account_id, e.payment_id, e.amount, e.balance_after"
+    " FROM unnest(CAST(:entry_accounts AS bigint[]), CAST(:entry_payments AS bigint[]),"
+    "             CAST(:entry_amounts AS numeric[]), CAST(:entry_after AS numeric[]))"
+    "      WITH ORDINALITY AS e(account_id, payment_id, amount, balance_after, n)"
+    " ORDER BY e.n"
+)
+
+
+def _entry_params(entries: Sequence[tuple]) -> dict[str, list]:
     """entries: (account_id, payment_id, signed amount, balance after), in the order they happened."""
-    if not entries:
-        return
-    account_ids, payment_ids, amounts, after = (list(col) for col in zip(*entries))
-    session.execute(text(
-        "INSERT INTO ledger_entries (account_id, payment_id, amount, balance_after)"
-        " SELECT e.account_id, e.payment_id, e.amount, e.balance_after"
-        " FROM unnest(CAST(:accounts AS bigint[]), CAST(:payments AS bigint[]),"
-        "             CAST(:amounts AS numeric[]), CAST(:after AS numeric[]))"
-        "      WITH ORDINALITY AS e(account_id, payment_id, amount, balance_after, n)"
-        " ORDER BY e.n"
-    ), {"accounts": account_ids, "payments": payment_ids, "amounts": amounts, "after": after})
+    columns = [list(col) for col in zip(*entries)] or [[], [], [], []]
+    return dict(zip(("entry_accounts", "entry_payments", "entry_amounts", "entry_after"), columns))
+
+
+def _insert_entries(session: Session, entries: Sequence[tuple]) -> None:
+    session.execute(text(_INSERT_ENTRIES), _entry_params(entries))
 
 
 # --- reconciliation ------------------------------------------------------------------------------

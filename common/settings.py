@@ -33,7 +33,7 @@ class Settings:
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     sweep_after_seconds: float = 10.0
     sweep_interval_seconds: float = 2.0
-    dispatch_window_ms: float = 2.0
+    dispatch_window_ms: float = 20.0
     apply_max_payments: int = 500
     max_body_bytes: int = 1024 * 1024
     max_batch_items: int = 1000
@@ -41,6 +41,10 @@ class Settings:
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
     worker_concurrency: int = 2
+    # gunicorn (read by ./gunicorn.conf.py): threads overlap the requests' database round trips.
+    web_workers: int = 2
+    web_threads: int = 8
+    web_timeout_seconds: int = 30
     flower_basic_auth: str = ""
     log_level: str = "INFO"
 
@@ -69,6 +73,9 @@ class Settings:
             db_max_overflow=num("WALLET_DB_MAX_OVERFLOW", d.db_max_overflow),
             db_statement_timeout_ms=num("WALLET_DB_STATEMENT_TIMEOUT_MS", d.db_statement_timeout_ms),
             worker_concurrency=num("WALLET_WORKER_CONCURRENCY", d.worker_concurrency),
+            web_workers=num("WEB_CONCURRENCY", d.web_workers),
+            web_threads=num("WALLET_WEB_THREADS", d.web_threads),
+            web_timeout_seconds=num("WALLET_WEB_TIMEOUT_SECONDS", d.web_timeout_seconds),
             flower_basic_auth=env.get("FLOWER_BASIC_AUTH", ""),
             log_level=env.get("WALLET_LOG_LEVEL", d.log_level),
         )

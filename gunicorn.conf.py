@@ -1,0 +1,20 @@
+"""gunicorn reads this file from the working directory by default, so the plain command
+`gunicorn "api:create_app()" --bind HOST:PORT` gets these defaults; flags on the command line win.
+
+Threads (gthread) let one process keep several requests' database round trips in flight;
+the database pool (WALLET_DB_POOL_SIZE + WALLET_DB_MAX_OVERFLOW) must be at least `threads`.
+"""
+from common.settings import get_settings
+
+_settings = get_settings()
+
+workers = _settings.web_workers
+threads = _settings.web_threads
+worker_class = "gthread"
+timeout = _settings.web_timeout_seconds
+graceful_timeout = 10
+keepalive = 5
+# Bound what one request may send before the app sees it (the app's own limit is
+# WALLET_MAX_BODY_BYTES, answered with 413).
+limit_request_line = 8190
+limit_request_fields = 100
