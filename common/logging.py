@@ -56,6 +56,8 @@ def _add_request_id(_, __, event_dict):
 
 
 def _mask_secrets(_, __, event_dict):
+    # `message` is the same text as `event`, set on the record when another handler formatted it.
+    event_dict.pop("message", None)
     event = event_dict.get("event")
     if isinstance(event, str) and "earer" in event:
         event_dict["event"] = _BEARER.sub(r"\1[redacted]", event)
@@ -69,6 +71,21 @@ def _processors():
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_request_id,
     ]
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
 
 
 def configure_logging(settings: Settings) -> None:
@@ -86,7 +103,7 @@ def configure_logging(settings: Settings) -> None:
             structlog.processors.JSONRenderer(),
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(formatter)
     handler.set_name("wallet-json")
     root = logging.getLogger()
