@@ -52,8 +52,9 @@ def install(app: Flask, settings: Settings) -> None:
         metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
         metrics.HTTP_LATENCY.labels(method, route).observe(elapsed)
         if log_requests:
-            access_log.info("request", method=request.method, path=request.path, route=route,
-                            status=status, duration_ms=round(elapsed * 1000, 3), request_id=rid)
+            access_log.info("request", extra={
+                "method": request.method, "path": request.path, "route": route, "status": status,
+                "duration_ms": round(elapsed * 1000, 3), "request_id": rid})
         return response
 
     @app.teardown_request

@@ -117,6 +117,7 @@ def sweep(self) -> None:
 def _log_outcomes(outcomes: list[ledger.Outcome], request_id_of, **fields) -> None:
     """One JSON line per applied payment, with the id of the request that submitted it."""
     for o in outcomes:
-        payment_log.info("payment applied", payment_id=o.payment_id, status=o.status,
-                         failure_code=o.failure_code and str(o.failure_code),
-                         request_id=request_id_of(o.payment_id), **fields)
+        payment_log.info("payment applied", extra={
+            "payment_id": o.payment_id, "status": o.status,
+            "failure_code": o.failure_code and str(o.failure_code),
+            "request_id": request_id_of(o.payment_id), **fields})
