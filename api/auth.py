@@ -27,12 +27,9 @@ class KeyRing:
         self._loaded_at = float("-inf")
 
     def accepts(self, key_hash: str) -> bool:
-        hashes = wallet().settings.api_key_hashes | self._database_hashes()
-        # Compare against every hash, in constant time each, so timing says nothing of which matched.
-        found = False
-        for candidate in hashes:
-            found |= hmac.compare_digest(candidate, key_hash)
-        return found
+        # Configured keys first: they keep working (and /ready answers) while the database is down.
+        return (_matches(wallet().settings.api_key_hashes, key_hash)
+                or _matches(self._database_hashes(), key_hash))
 
     def _database_hashes(self) -> frozenset[str]:
         if time.monotonic() - self._loaded_at > DB_KEYS_TTL_SECONDS:
@@ -41,6 +38,14 @@ class KeyRing:
                     "SELECT key_hash FROM api_keys WHERE revoked_at IS NULL")).scalars())
             self._loaded_at = time.monotonic()
         return self._db_hashes
+
+
+def _matches(hashes: frozenset[str], key_hash: str) -> bool:
+    # Compare against every hash, in constant time each, so timing says nothing of which matched.
+    found = False
+    for candidate in hashes:
+        found |= hmac.compare_digest(candidate, key_hash)
+    return found
 
 
 _keyring = KeyRing()

@@ -71,7 +71,7 @@ def page_args() -> tuple[int | None, int]:
 
 def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not low <= int(raw) <= high:
         raise MalformedRequest(f"{name} must be an integer from {low} to {high}", {"parameter": name})

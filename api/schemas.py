@@ -114,3 +114,35 @@ class ErrorBody(BaseModel):
 
 class Error(BaseModel):
     error: ErrorBody
+
+
+# Response-only shapes of the remaining endpoints (documented in the OpenAPI document).
+
+class BatchAccepted(BaseModel):
+    batch_id: int
+    atomic: bool
+    payments: list[Payment]
+
+
+class BatchCounts(BaseModel):
+    pending: int
+    completed: int
+    failed: int
+
+
+class Batch(BaseModel):
+    id: int
+    atomic: bool
+    total: int
+    counts: BatchCounts
+    finished: bool
+    created_at: datetime
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, bool]

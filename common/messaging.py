@@ -12,12 +12,13 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from celery import Celery
 from kombu import Exchange, Queue
 
 from common import routing
+from common.logging import current_request_id
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,13 @@ DEFAULT_QUEUE = "wallet"
 
 # A publish that cannot reach the broker gives up quickly: the payment row is committed and the
 # sweeper will send it, so blocking a request (or the dispatcher) for long buys nothing.
+# Message headers carrying request ids into the worker's log lines. The dispatcher puts payments
+# of many requests into one message, so a message maps each payment id to its request id
+# (REQUEST_IDS, {"<payment id>": "<request id>"}); an atomic batch's message carries the one
+# request id (REQUEST_ID). Messages sent by the sweeper carry none.
+REQUEST_IDS = "wallet_request_ids"
+REQUEST_ID = "wallet_request_id"
+
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
@@ -85,19 +93,26 @@ class Sender:
         self._celery = celery
         self._queues = settings.queues
 
-    def send_payments(self, payments: Iterable[tuple[int, int, int]]) -> int:
-        """payments: (id, buyer, seller) already committed. Returns the number of messages."""
+    def send_payments(self, payments: Iterable[tuple[int, int, int]],
+                      request_ids: Mapping[int, str] | None = None) -> int:
+        """payments: (id, buyer, seller) already committed; request_ids: payment id -> the id of
+        the request that made it (for the worker's logs). Returns the number of messages."""
         by_queue: dict[int, list[int]] = defaultdict(list)
         for payment_id, buyer, seller in payments:
             by_queue[routing.queue_index(buyer, seller, self._queues)].append(payment_id)
         for index, ids in by_queue.items():
-            self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)],
+            headers = None
+            if request_ids:
+                headers = {REQUEST_IDS: {str(i): request_ids[i] for i in ids if i in request_ids}}
+            self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)], headers=headers,
                                    queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
         return len(by_queue)
 
-    def send_atomic_batch(self, batch_id: int) -> None:
+    def send_atomic_batch(self, batch_id: int, request_id: str | None = None) -> None:
         index = routing.batch_queue_index(batch_id, self._queues)
+        request_id = request_id or current_request_id()
         self._celery.send_task(APPLY_ATOMIC_BATCH, args=[batch_id],
+                               headers={REQUEST_ID: request_id} if request_id else None,
                                queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
 
 
@@ -123,8 +138,9 @@ class Dispatcher:
     def submit(self, payments: Sequence[tuple[int, int, int]]) -> None:
         """payments: (id, buyer, seller), committed."""
         self._ensure_thread()
+        request_id = current_request_id()  # the submitting request's, read in its thread
         for payment in payments:
-            self._inbox.put(payment)
+            self._inbox.put((payment, request_id))
 
     def _ensure_thread(self) -> None:
         # gunicorn may fork after the app was built: each process needs its own thread.
@@ -138,14 +154,14 @@ class Dispatcher:
                 self._pid = os.getpid()
 
     def _run(self, inbox: queue.SimpleQueue) -> None:
-        buffers: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+        buffers: dict[int, list] = defaultdict(list)  # queue -> [((id, buyer, seller), request id)]
         deadlines: dict[int, float] = {}
         while True:
             timeout = max(0.0, min(deadlines.values()) - time.monotonic()) if deadlines else None
             try:
-                payment = inbox.get(timeout=timeout)
+                payment, request_id = inbox.get(timeout=timeout)
                 index = routing.queue_index(payment[1], payment[2], self._queues)
-                buffers[index].append(payment)
+                buffers[index].append((payment, request_id))
                 deadlines.setdefault(index, time.monotonic() + self._window_s)
             except queue.Empty:
                 pass
@@ -155,8 +171,9 @@ class Dispatcher:
                 del deadlines[index]
                 self._send(buffers.pop(index))
 
-    def _send(self, payments: list[tuple[int, int, int]]) -> None:
+    def _send(self, items: list[tuple[tuple[int, int, int], str | None]]) -> None:
+        request_ids = {payment[0]: rid for payment, rid in items if rid is not None}
         try:
-            self._sender.send_payments(payments)
+            self._sender.send_payments([payment for payment, _ in items], request_ids)
         except Exception:  # the sweeper delivers them; a dead thread would deliver nothing
-            log.exception("dispatch failed for %d payments; the sweeper will send them", len(payments))
+            log.exception("dispatch failed for %d payments; the sweeper will send them", len(items))

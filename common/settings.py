@@ -47,6 +47,10 @@ class Settings:
     web_timeout_seconds: int = 30
     flower_basic_auth: str = ""
     log_level: str = "INFO"
+    access_log: bool = True  # one JSON line per HTTP request
+    # prometheus_client multiprocess mode: every API and worker process writes its metrics here
+    # and /metrics sums them. Empty: each process reports only its own (fine for one process).
+    metrics_dir: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -78,6 +82,8 @@ class Settings:
             web_timeout_seconds=num("WALLET_WEB_TIMEOUT_SECONDS", d.web_timeout_seconds),
             flower_basic_auth=env.get("FLOWER_BASIC_AUTH", ""),
             log_level=env.get("WALLET_LOG_LEVEL", d.log_level),
+            access_log=env.get("WALLET_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no", "off"),
+            metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", ""),
         )
 
     def __post_init__(self) -> None:

@@ -82,8 +82,9 @@ def settings(database_url, broker_url) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def env(database_url, broker_url) -> dict[str, str]:
-    return make_env(database_url, broker_url)
+def env(database_url, broker_url, work_dir) -> dict[str, str]:
+    # Shared by the session's API and worker processes: /metrics sums them all (multiprocess mode).
+    return make_env(database_url, broker_url, PROMETHEUS_MULTIPROC_DIR=str(work_dir / "metrics"))
 
 
 @pytest.fixture(scope="session")

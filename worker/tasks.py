@@ -8,16 +8,39 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
-from celery import Task, shared_task
+from celery import Task, shared_task, signals
 from sqlalchemy.exc import DBAPIError
 
-from common import ledger, sweeper
+from common import ledger, metrics, sweeper
 from common.db import Database, is_unavailable
-from common.messaging import APPLY_ATOMIC_BATCH, APPLY_PAYMENTS, SWEEP, Sender
+from common.logging import configure_logging, get_logger
+from common.messaging import APPLY_ATOMIC_BATCH, APPLY_PAYMENTS, REQUEST_ID, REQUEST_IDS, SWEEP, Sender
 from common.settings import get_settings
 
 log = logging.getLogger("wallet.worker")
+payment_log = get_logger("wallet.worker")
+
+# Before the first metric is touched: with PROMETHEUS_MULTIPROC_DIR the pool processes write
+# their counters where the API's /metrics sums them.
+metrics.configure(get_settings())
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_):
+    # Connected, so Celery leaves the root logger to us: JSON lines like the API's.
+    configure_logging(get_settings())
+
+
+@signals.after_setup_task_logger.connect
+@signals.after_setup_logger.connect
+def _after_setup_logger(logger=None, **_):
+    configure_logging(get_settings())
+    if logger is not None:  # Celery may have attached a plain-text handler of its own
+        for handler in [h for h in logger.handlers if h.get_name() != "wallet-json"]:
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 _runtime: dict[int, tuple[Database, Sender]] = {}
 _runtime_lock = threading.Lock()
@@ -61,16 +84,26 @@ class WalletTask(Task):
 def apply_payments(self, payment_ids: list[int]) -> None:
     db, _ = runtime()
     limit = get_settings().apply_max_payments
+    # {"<payment id>": "<request id>"} from the API's dispatcher; absent when the sweeper sent it.
+    request_ids = getattr(self.request, REQUEST_IDS, None) or {}
     for start in range(0, len(payment_ids), limit):
         chunk = payment_ids[start:start + limit]
+        started = time.perf_counter()
         outcomes = db.run(lambda session: ledger.apply_payments(session, chunk))
-        _log_outcomes(outcomes)
+        metrics.APPLY_LATENCY.labels(APPLY_PAYMENTS).observe(time.perf_counter() - started)
+        metrics.record_outcomes(APPLY_PAYMENTS, outcomes)
+        _log_outcomes(outcomes, lambda payment_id: request_ids.get(str(payment_id)))
 
 
 @shared_task(name=APPLY_ATOMIC_BATCH, base=WalletTask, bind=True)
 def apply_atomic_batch(self, batch_id: int) -> None:
     db, _ = runtime()
-    _log_outcomes(db.run(lambda session: ledger.apply_atomic_batch(session, batch_id)))
+    request_id = getattr(self.request, REQUEST_ID, None)
+    started = time.perf_counter()
+    outcomes = db.run(lambda session: ledger.apply_atomic_batch(session, batch_id))
+    metrics.APPLY_LATENCY.labels(APPLY_ATOMIC_BATCH).observe(time.perf_counter() - started)
+    metrics.record_outcomes(APPLY_ATOMIC_BATCH, outcomes)
+    _log_outcomes(outcomes, lambda _: request_id, batch_id=batch_id)
 
 
 @shared_task(name=SWEEP, base=WalletTask, bind=True)
@@ -81,7 +114,10 @@ def sweep(self) -> None:
         log.info("re-enqueued %d pending payments", swept)
 
 
-def _log_outcomes(outcomes: list[ledger.Outcome]) -> None:
+def _log_outcomes(outcomes: list[ledger.Outcome], request_id_of, **fields) -> None:
+    """One JSON line per applied payment, with the id of the request that submitted it."""
     for o in outcomes:
-        log.info("payment %s %s%s", o.payment_id, o.status,
-                 f" ({o.failure_code})" if o.failure_code else "")
+        payment_log.info("payment applied", extra={
+            "payment_id": o.payment_id, "status": o.status,
+            "failure_code": o.failure_code and str(o.failure_code),
+            "request_id": request_id_of(o.payment_id), **fields})

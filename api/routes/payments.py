@@ -10,7 +10,7 @@ from api.parsing import encode_cursor, int_arg, page_args, parse_body, validate
 from api.routes.idempotency import idempotency_key
 from api.schemas import MAX_ID, BatchCreate, PaymentCreate
 from api.wallet import wallet
-from common import ledger, queries
+from common import ledger, metrics, queries
 from common.errors import MalformedRequest, ValidationFailed, WalletError
 
 bp = Blueprint("payments", __name__)
@@ -32,6 +32,7 @@ def create_payment():
     with w.db.transaction() as session:
         row, created = ledger.submit_payment(session, w.currencies, req, key)
     if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
+        metrics.PAYMENTS_ACCEPTED.labels("single").inc()
         w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])
     return render.payment(row, w.currencies), 202, {"Location": f"/payments/{row['id']}"}
 
@@ -73,6 +74,7 @@ def create_batch():
     with w.db.transaction() as session:
         batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
     if created:
+        metrics.PAYMENTS_ACCEPTED.labels("atomic_batch" if body.atomic else "batch").inc(len(rows))
         _enqueue_batch(w, batch_id, rows, body.atomic)
     return ({"batch_id": batch_id, "atomic": body.atomic,
              "payments": [render.payment(r, w.currencies) for r in rows]},

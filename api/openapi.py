@@ -1,0 +1,271 @@
+"""The OpenAPI 3.1 document (`GET /openapi.json`) and its interactive page (`GET /docs`).
+
+Schemas come from the pydantic models in api/schemas.py, the very models that validate request
+bodies (validation mode for requests, serialization mode for responses); the table ROUTES below
+says which model each route takes and answers. A test checks that every Flask route is in the
+table, and schemathesis checks the live API against the document.
+
+Both endpoints need the API key like every other but /health (spec section 4). /docs therefore
+embeds the document in the page (a browser cannot send a Bearer header when following a link);
+Swagger UI's "Authorize" button takes the key for "Try it out".
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from api import parsing, schemas
+from api.routes.idempotency import MAX_KEY_LENGTH
+from api.schemas import MAX_ID
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+
+ERRORS = {
+    400: "Malformed request: body is not JSON or not an object, or a query parameter is invalid",
+    401: "Missing or unknown API key",
+    404: "No such resource",
+    409: "Idempotency-Key reused with a different body",
+    413: "Request body larger than the limit",
+    422: "Body is well-formed but invalid (validation_error, invalid_amount, unknown_account, "
+         "unknown_currency, same_account, currency_mismatch); `details` says which fields",
+    503: "The database (or, for /ready, a dependency) is unreachable; retry later",
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    schema: dict[str, Any]
+    description: str
+    location: str = "query"
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    tag: str
+    responses: dict[int, type[BaseModel] | None]  # success statuses and their models
+    body: type[BaseModel] | None = None
+    params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = (401, 503)
+    idempotent: bool = False  # takes Idempotency-Key
+    public: bool = False
+    media_type: str = "application/json"
+    description: str = ""
+    headers: dict[int, dict[str, str]] = field(default_factory=dict)
+
+
+ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+PAGE = (
+    Param("limit", {"type": "integer", "minimum": 1, "maximum": parsing.MAX_LIMIT,
+                    "default": parsing.DEFAULT_LIMIT}, "Page size"),
+    Param("cursor", {"type": "string"},
+          "Opaque cursor: the `next_cursor` of the previous page (null on the last page)"),
+)
+WRITE_ERRORS = (400, 401, 409, 413, 422, 503)
+LOCATION = {"Location": "Where to read the created resource"}
+
+
+def _id(name: str, what: str) -> Param:
+    return Param(name, ID, f"The {what}'s id", location="path", required=True)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("get", "/health", "health", "Liveness (no API key needed)", "meta", {200: schemas.Health},
+          errors=(), public=True),
+    Route("get", "/ready", "ready", "Readiness: 200 when the database and the broker answer, "
+          "else 503 naming the unreachable ones in `details.checks`", "meta", {200: schemas.Ready}),
+    Route("get", "/currencies", "listCurrencies", "The currencies", "meta", {200: schemas.CurrencyList}),
+    Route("get", "/metrics", "metrics", "Prometheus metrics (text exposition format)", "meta",
+          {200: None}, errors=(401,), media_type="text/plain"),
+    Route("get", "/openapi.json", "openapi", "This document", "meta", {200: None}, errors=(401,)),
+    Route("get", "/docs", "docs", "Interactive documentation (Swagger UI)", "meta", {200: None},
+          errors=(401,), media_type="text/html"),
+
+    Route("post", "/accounts", "createAccount", "Open an account, with an opening balance", "accounts",
+          {201: schemas.Account}, body=schemas.AccountCreate, errors=WRITE_ERRORS, idempotent=True,
+          headers={201: LOCATION},
+          description="Give `currency_id` or `currency` (a code such as USD)."),
+    Route("get", "/accounts", "listAccounts", "Accounts, newest first", "accounts",
+          {200: schemas.AccountList}, errors=(400, 401, 503),
+          params=(*PAGE, Param("currency", {"type": "string"}, "Only accounts in this currency (code)"))),
+    Route("get", "/accounts/{account_id}", "getAccount", "One account", "accounts",
+          {200: schemas.Account}, params=(_id("account_id", "account"),), errors=(401, 404, 503)),
+    Route("get", "/account/{account_id}", "getAccountAlias", "One account (alias of /accounts/{id})",
+          "accounts", {200: schemas.Account}, params=(_id("account_id", "account"),),
+          errors=(401, 404, 503)),
+    Route("post", "/accounts/{account_id}/freeze", "freezeAccount",
+          "Freeze: payments touching the account fail with account_frozen", "accounts",
+          {200: schemas.Account}, params=(_id("account_id", "account"),), errors=(401, 404, 503)),
+    Route("post", "/accounts/{account_id}/unfreeze", "unfreezeAccount", "Unfreeze", "accounts",
+          {200: schemas.Account}, params=(_id("account_id", "account"),), errors=(401, 404, 503)),
+    Route("get", "/accounts/{account_id}/entries", "listEntries",
+          "The account's ledger entries, newest first", "accounts", {200: schemas.EntryList},
+          params=(_id("account_id", "account"), *PAGE), errors=(400, 401, 404, 503)),
+
+    Route("post", "/payments", "createPayment", "Accept a payment; it is applied asynchronously",
+          "payments", {202: schemas.Payment}, body=schemas.PaymentCreate, errors=WRITE_ERRORS,
+          idempotent=True, headers={202: LOCATION},
+          description="Answers 202 with status `pending`; poll GET /payments/{id} until it is "
+                      "`completed` or `failed`."),
+    Route("get", "/payments/{payment_id}", "getPayment", "One payment and its status", "payments",
+          {200: schemas.Payment}, params=(_id("payment_id", "payment"),), errors=(401, 404, 503)),
+    Route("get", "/payments", "listPayments", "Payments, newest first", "payments",
+          {200: schemas.PaymentList}, errors=(400, 401, 503), params=(
+              *PAGE,
+              Param("status", {"type": "string", "enum": ["pending", "completed", "failed"]}, "Filter"),
+              Param("account_id", ID, "Payments where this account is buyer or seller"),
+              Param("batch_id", ID, "Payments of this batch"))),
+    Route("post", "/payments/batch", "createBatch", "Accept many payments in one request",
+          "payments", {202: schemas.BatchAccepted}, body=schemas.BatchCreate, errors=WRITE_ERRORS,
+          idempotent=True, headers={202: LOCATION},
+          description="Every item is validated first; if any is invalid none is recorded (422 "
+                      "with the index of each bad item). `atomic: true`: all complete or all fail "
+                      "(`batch_failed`)."),
+    Route("get", "/batches/{batch_id}", "getBatch", "A batch's progress", "payments",
+          {200: schemas.Batch}, params=(_id("batch_id", "batch"),), errors=(401, 404, 503)),
+)
+
+DESCRIPTION = """\
+Queue-backed payment processor. A payment is recorded as `pending` and answered with `202`; a
+worker applies it moments later; poll `GET /payments/{id}` until `completed` or `failed`.
+
+* **Authentication**: every endpoint but `/health` needs `Authorization: Bearer <API key>`.
+* **Amounts** are exact decimals. Send them as JSON strings (`"500.1"`, recommended) or numbers
+  (parsed exactly, never through a float); at most the currency's number of decimals, positive,
+  below 10^18. Responses always carry amounts as strings without trailing zeros (`"499.9"`).
+* **Errors** always have the shape `{"error": {"code", "message", "details"}}` (schema `Error`).
+* **Idempotency**: the POST endpoints take an `Idempotency-Key` header (scoped to the API key):
+  the same key and body answer the original resource and status again; the same key with another
+  body answers 409.
+* **Pagination**: lists are newest first; `limit` (1 to 1000, default 50) and `cursor` (the
+  previous page's `next_cursor`, null on the last page).
+* **Request ids**: send `X-Request-ID` (up to 128 characters of `A-Za-z0-9._:/+=@-`) or one is
+  generated; it is returned in the `X-Request-ID` response header and appears in the API's and the
+  worker's log lines.
+* **Limits**: request bodies up to 1 MiB by default (413 above); batches up to 1000 payments.
+"""
+
+
+def _parameter(p: Param) -> dict[str, Any]:
+    return {"name": p.name, "in": p.location, "required": p.required, "schema": p.schema,
+            "description": p.description}
+
+
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Makes the request safe to retry: the same key and body give the same answer",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[ -~]+$"},
+}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    models: dict[tuple[type[BaseModel], str], None] = {(schemas.Error, "serialization"): None}
+    for r in ROUTES:
+        if r.body is not None:
+            models[(r.body, "validation")] = None
+        for model in r.responses.values():
+            if model is not None:
+                models[(model, "serialization")] = None
+    refs, defs = models_json_schema(list(models), ref_template=REF)
+
+    def ref(model, mode):
+        return refs[(model, mode)]
+
+    error_response = {"application/json": {"schema": ref(schemas.Error, "serialization")}}
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        responses: dict[str, Any] = {}
+        for status, model in r.responses.items():
+            if model is not None:
+                content = {r.media_type: {"schema": ref(model, "serialization")}}
+            elif r.media_type == "application/json":
+                content = {r.media_type: {"schema": {"type": "object"}}}
+            else:
+                content = {r.media_type: {"schema": {"type": "string"}}}
+            responses[str(status)] = {"description": "OK" if status == 200 else "Accepted" if status == 202
+                                      else "Created", "content": content}
+            if status in r.headers:
+                responses[str(status)]["headers"] = {
+                    name: {"description": text, "schema": {"type": "string"}}
+                    for name, text in r.headers[status].items()}
+        for status in r.errors:
+            responses[str(status)] = {"description": ERRORS[status], "content": error_response}
+        op: dict[str, Any] = {"operationId": r.operation_id, "summary": r.summary, "tags": [r.tag],
+                              "responses": responses}
+        if r.description:
+            op["description"] = r.description
+        params = [_parameter(p) for p in r.params]
+        if r.idempotent:
+            params.append(IDEMPOTENCY_KEY)
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": ref(r.body, "validation")}}}
+        if r.public:
+            op["security"] = []
+        paths.setdefault(r.path, {})[r.method] = op
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Wallet service", "version": "1.0.0", "description": DESCRIPTION},
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                               "description": "An API key from WALLET_API_KEYS or "
+                                                              "`flask --app api wallet api-key create`"}},
+        },
+    }
+
+
+@functools.cache
+def _document_json() -> bytes:
+    return json.dumps(document()).encode()
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    return Response(_document_json(), content_type="application/json")
+
+
+_DOCS = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Wallet service API</title>
+  <link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.17.14/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.17.14/swagger-ui-bundle.js"></script>
+  <script>
+    // The document of /openapi.json, embedded: that URL needs the API key too, which a browser
+    // does not send by itself. Use "Authorize" to enter the key for "Try it out".
+    window.ui = SwaggerUIBundle({spec: %s, dom_id: "#swagger-ui", persistAuthorization: false});
+  </script>
+</body>
+</html>
+"""
+
+
+@bp.get("/docs")
+def docs():
+    # "</" is escaped so no string in the document can close the script element.
+    spec = _document_json().decode().replace("</", "<\\/")
+    return Response(_DOCS % spec, content_type="text/html; charset=utf-8")
