@@ -16,6 +16,7 @@ M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
+MAX_ID = 2**63 - 1
 
 
 def _reject_constant(name: str):
@@ -62,7 +63,9 @@ def page_args() -> tuple[int | None, int]:
         return None, limit
     try:
         version, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-        if version != "v1" or not value.isdigit() or len(value) > 19:
+        if version != "v1" or not (value.isascii() and value.isdigit()) or len(value) > 19:
+            raise ValueError
+        if int(value) > MAX_ID:
             raise ValueError
         return int(value), limit
     except (ValueError, binascii.Error, UnicodeDecodeError):

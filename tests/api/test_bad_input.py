@@ -176,6 +176,7 @@ for name, body, status, code in [
     ("name-object", '{"name": {}, "currency": "USD"}', 422, "validation_error"),
     ("name-too-long", '{"name": "' + "x" * 201 + '", "currency": "USD"}', 422, "validation_error"),
     ("name-nul-char", '{"name": "a\\u0000b", "currency": "USD"}', 422, "validation_error"),
+    ("name-tab-char", '{"name": "a\\tb", "currency": "USD"}', 422, "validation_error"),
     ("name-lone-surrogate", '{"name": "a\\ud800b", "currency": "USD"}', 422, "validation_error"),
     ("currency-unknown", acct('"1"', currency='"currency": "XYZ"'), 422, "unknown_currency"),
     ("currency-empty", acct('"1"', currency='"currency": ""'), 422, "validation_error"),
