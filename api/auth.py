@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import time
 
-from flask import g, request
+from flask import current_app, g, request
 from sqlalchemy import text
 
 from api.wallet import wallet
@@ -17,6 +17,7 @@ from common.settings import hash_api_key
 
 PUBLIC_ENDPOINTS = {"meta.health"}
 DB_KEYS_TTL_SECONDS = 5.0
+DB_KEYS_MISS_REFRESH_SECONDS = 0.5
 
 
 class KeyRing:
@@ -27,15 +28,22 @@ class KeyRing:
         self._loaded_at = float("-inf")
 
     def accepts(self, key_hash: str) -> bool:
-        hashes = wallet().settings.api_key_hashes | self._database_hashes()
+        if self._matches(key_hash, self._database_hashes(DB_KEYS_TTL_SECONDS)):
+            return True
+        # A miss re-reads sooner, so a key just made with the CLI works at once; unknown keys
+        # cost at most one query per DB_KEYS_MISS_REFRESH_SECONDS.
+        return self._matches(key_hash, self._database_hashes(DB_KEYS_MISS_REFRESH_SECONDS))
+
+    @staticmethod
+    def _matches(key_hash: str, db_hashes: frozenset[str]) -> bool:
         # Compare against every hash, in constant time each, so timing says nothing of which matched.
         found = False
-        for candidate in hashes:
+        for candidate in wallet().settings.api_key_hashes | db_hashes:
             found |= hmac.compare_digest(candidate, key_hash)
         return found
 
-    def _database_hashes(self) -> frozenset[str]:
-        if time.monotonic() - self._loaded_at > DB_KEYS_TTL_SECONDS:
+    def _database_hashes(self, max_age_s: float) -> frozenset[str]:
+        if time.monotonic() - self._loaded_at > max_age_s:
             with wallet().db.transaction() as session:
                 self._db_hashes = frozenset(session.execute(text(
                     "SELECT key_hash FROM api_keys WHERE revoked_at IS NULL")).scalars())
@@ -43,7 +51,10 @@ class KeyRing:
         return self._db_hashes
 
 
-_keyring = KeyRing()
+def _keyring() -> KeyRing:
+    # One per app (not per module): two apps in one process (tests, a CLI next to a server) on
+    # different databases must not share, nor wait out, each other's cached database keys.
+    return current_app.extensions.setdefault("wallet_keyring", KeyRing())
 
 
 def require_api_key() -> None:
@@ -53,7 +64,7 @@ def require_api_key() -> None:
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("send Authorization: Bearer <api key>")
     key_hash = hash_api_key(key.strip())
-    if not _keyring.accepts(key_hash):
+    if not _keyring().accepts(key_hash):
         raise Unauthorized("unknown API key")
     # Idempotency keys are scoped to the client's API key: clients never collide.
     g.client_scope = key_hash[:32]
