@@ -464,3 +464,25 @@ def test_fuzz_never_5xx(app, ids, path):
             assert response.status_code in (201, 202), response.status_code
 
     run()
+
+
+def test_chunked_body_over_limit_through_gunicorn(api_url, ids, nothing_written):
+    """Without a Content-Length (chunked upload) the limit still holds: 413, nothing written."""
+    import httpx
+
+    def chunks():
+        yield Template('{"buyer_account_id": $usd1, "seller_account_id": $usd2, "amount": "1", "x": "').substitute(
+            ids).encode()
+        for _ in range(17):
+            yield b"x" * 65536
+        yield b'"}'
+
+    with httpx.Client(base_url=api_url, headers=AUTH, timeout=30) as http:
+        response = http.post("/payments", content=chunks(), headers={"Content-Type": "application/json"})
+        assert "content-length" not in {k.lower() for k in response.request.headers}
+        assert_error(response, 413, "request_too_large")
+        # a small chunked body is read whole (it gets as far as the amount check)
+        small = iter([Template('{"buyer_account_id": $usd1, ').substitute(ids).encode(),
+                      Template('"seller_account_id": $usd2, "amount": "0"}').substitute(ids).encode()])
+        assert_error(http.post("/payments", content=small, headers={"Content-Type": "application/json"}),
+                     422, "invalid_amount")
