@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import time
 
-from flask import g, request
+from flask import current_app, g, request
 from sqlalchemy import text
 
 from api.wallet import wallet
@@ -17,6 +17,7 @@ from common.settings import hash_api_key
 
 PUBLIC_ENDPOINTS = {"meta.health"}
 DB_KEYS_TTL_SECONDS = 5.0
+DB_KEYS_MISS_REFRESH_SECONDS = 0.5
 
 
 class KeyRing:
@@ -28,11 +29,16 @@ class KeyRing:
 
     def accepts(self, key_hash: str) -> bool:
         # Configured keys first: they keep working (and /ready answers) while the database is down.
-        return (_matches(wallet().settings.api_key_hashes, key_hash)
-                or _matches(self._database_hashes(), key_hash))
+        if _matches(wallet().settings.api_key_hashes, key_hash):
+            return True
+        if _matches(self._database_hashes(DB_KEYS_TTL_SECONDS), key_hash):
+            return True
+        # A miss re-reads sooner, so a key just made with the CLI works at once; unknown keys
+        # cost at most one query per DB_KEYS_MISS_REFRESH_SECONDS.
+        return _matches(self._database_hashes(DB_KEYS_MISS_REFRESH_SECONDS), key_hash)
 
-    def _database_hashes(self) -> frozenset[str]:
-        if time.monotonic() - self._loaded_at > DB_KEYS_TTL_SECONDS:
+    def _database_hashes(self, max_age_s: float) -> frozenset[str]:
+        if time.monotonic() - self._loaded_at > max_age_s:
             with wallet().db.transaction() as session:
                 self._db_hashes = frozenset(session.execute(text(
                     "SELECT key_hash FROM api_keys WHERE revoked_at IS NULL")).scalars())
@@ -48,7 +54,10 @@ def _matches(hashes: frozenset[str], key_hash: str) -> bool:
     return found
 
 
-_keyring = KeyRing()
+def _keyring() -> KeyRing:
+    # One per app (not per module): two apps in one process (tests, a CLI next to a server) on
+    # different databases must not share, nor wait out, each other's cached database keys.
+    return current_app.extensions.setdefault("wallet_keyring", KeyRing())
 
 
 def require_api_key() -> None:
@@ -58,7 +67,7 @@ def require_api_key() -> None:
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("send Authorization: Bearer <api key>")
     key_hash = hash_api_key(key.strip())
-    if not _keyring.accepts(key_hash):
+    if not _keyring().accepts(key_hash):
         raise Unauthorized("unknown API key")
     # Idempotency keys are scoped to the client's API key: clients never collide.
     g.client_scope = key_hash[:32]

@@ -10,12 +10,13 @@ from typing import TypeVar
 from flask import request
 from pydantic import BaseModel, ValidationError
 
-from common.errors import MalformedRequest, ValidationFailed
+from common.errors import MalformedRequest, RequestTooLarge, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
+MAX_ID = 2**63 - 1
 
 
 def _reject_constant(name: str):
@@ -24,7 +25,12 @@ def _reject_constant(name: str):
 
 def json_body() -> object:
     """The body as JSON, numbers exact (never through a float), NaN/Infinity refused."""
-    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH (given a Content-Length)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A chunked body is cut at the limit by Werkzeug, silently: what was read may even parse.
+        # Reaching the limit means the body may be longer than allowed: refuse it.
+        raise RequestTooLarge(f"request body is larger than {limit} bytes")
     try:
         return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
@@ -62,7 +68,9 @@ def page_args() -> tuple[int | None, int]:
         return None, limit
     try:
         version, _, value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-        if version != "v1" or not value.isdigit() or len(value) > 19:
+        if version != "v1" or not (value.isascii() and value.isdigit()) or len(value) > 19:
+            raise ValueError
+        if int(value) > MAX_ID:
             raise ValueError
         return int(value), limit
     except (ValueError, binascii.Error, UnicodeDecodeError):

@@ -27,7 +27,9 @@ class RequestModel(BaseModel):
 
 
 class AccountCreate(RequestModel):
-    name: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    # No control characters: PostgreSQL text cannot hold NUL (it was a 500), and the rest have no
+    # business in a display name.
+    name: Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
     currency_id: Optional[CurrencyId] = None
     currency: Optional[Annotated[StrictStr, Field(min_length=1, max_length=12, examples=["USD"])]] = None
     amount: AmountIn = Field(default="0", description="Opening balance (default 0)")

@@ -69,8 +69,13 @@ def _to_decimal(raw: object) -> Decimal:
 
 
 def _decimal_places(value: Decimal) -> int:
-    exponent = value.normalize(MONEY_CONTEXT).as_tuple().exponent if value else 0
-    return max(0, -int(exponent))
+    # From the digits, not `normalize()`: that rounds (and so traps) on exponents past the
+    # context's range, e.g. 1e-99999999, which must be refused as too many decimals instead.
+    if not value:
+        return 0
+    _, digits, exponent = value.as_tuple()
+    trailing_zeros = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    return max(0, -(int(exponent) + trailing_zeros))
 
 
 def format_amount(value: Decimal) -> str:

@@ -84,16 +84,25 @@ def create_batch():
 def _batch_requests(items: list[dict]) -> list[ledger.PaymentRequest]:
     """Validate every item; report all bad ones at once, with their index."""
     reqs, problems = [], []
+    checked: list[tuple[int, ledger.PaymentRequest, object]] = []
     w = wallet()
     for index, item in enumerate(items):
         try:
             req = _request(validate(PaymentCreate, item))
-            ledger.check_payment(w.currencies, req)
+            checked.append((index, req, ledger.check_payment(w.currencies, req)))
             reqs.append(req)
         except WalletError as exc:
-            problems.append({"index": index, "code": exc.code, "message": exc.message,
-                             "details": exc.details})
+            problems.append((index, exc))
     if problems:
+        # Also report the items that are well-formed but refer to unknown accounts, mismatched
+        # currencies or exceed the scale, so the client sees every bad index at once.
+        if checked:
+            with w.db.transaction() as session:
+                found = ledger._diagnose(session, w.currencies, [r for _, r, _ in checked],
+                                         [a for _, _, a in checked])
+            problems += [(checked[i][0], exc) for i, exc in found]
+        problems = [{"index": index, "code": exc.code, "message": exc.message, "details": exc.details}
+                    for index, exc in sorted(problems, key=lambda p: p[0])]
         raise ValidationFailed(f"{len(problems)} of {len(items)} payments are invalid; none was recorded",
                                problems)
     return reqs

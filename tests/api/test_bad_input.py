@@ -1,0 +1,520 @@
+"""Bad input on every endpoint: each case answers the right 4xx with the error object and writes
+nothing. Bodies are raw bytes, so the JSON text is exactly what the case says (no float detour)."""
+from __future__ import annotations
+
+import base64
+import json
+from string import Template
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from tests.api.conftest import assert_error
+from tests.conftest import AUTH
+
+MAX_ID = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def ids(app) -> dict[str, int]:
+    """Accounts the cases refer to as $usd1, $usd2, $eur, $btc, $frozen (balances set up once)."""
+    c = app.test_client()
+    made = {}
+    for name, body in {
+        "usd1": {"name": "bad-usd1", "currency": "USD", "amount": "1000"},
+        "usd2": {"name": "bad-usd2", "currency": "USD", "amount": "10"},
+        "eur": {"name": "bad-eur", "currency": "EUR", "amount": "1000"},
+        "btc": {"name": "bad-btc", "currency": "BTC", "amount": "1"},
+        "btc2": {"name": "bad-btc2", "currency": "BTC"},
+    }.items():
+        r = c.post("/accounts", json=body, headers=AUTH)
+        assert r.status_code == 201, r.get_data(as_text=True)
+        made[name] = r.get_json()["id"]
+    return made
+
+
+def call(client, method: str, path: str, body: bytes | None = None, headers=None):
+    kwargs = {"headers": headers or {}}
+    if body is not None:
+        kwargs.update(data=body, content_type="application/json")
+    return client.open(path, method=method, **kwargs)
+
+
+def case(name, method, path, body, status, code=None, headers=None):
+    return pytest.param(method, path, body, status, code, headers, id=name)
+
+
+def pay(amount: str, buyer="$usd1", seller="$usd2", extra="") -> str:
+    return f'{{"buyer_account_id": {buyer}, "seller_account_id": {seller}, "amount": {amount}{extra}}}'
+
+
+def acct(amount: str, currency='"currency": "USD"', extra="") -> str:
+    return f'{{"name": "n", {currency}, "amount": {amount}{extra}}}'
+
+
+MALFORMED = {
+    "malformed-json": '{"name": ',
+    "trailing-garbage": '{"name": "a"} x',
+    "single-quotes": "{'name': 'a'}",
+    "empty-body": "",
+    "whitespace-body": "   ",
+    "array": "[]",
+    "array-of-object": '[{"name": "a"}]',
+    "string": '"hello"',
+    "number": "42",
+    "null": "null",
+    "true": "true",
+    "NaN-literal": "NaN",
+    "deep-nesting": "[" * 100_000 + "]" * 100_000,
+    "invalid-utf8": "\udcff",  # replaced by a raw 0xff byte below
+    "huge-integer-literal": "1" * 5000,
+}
+
+
+def _raw(text: str) -> bytes:
+    return b"\xff" if text == "\udcff" else text.encode()
+
+
+CASES = []
+for path in ("/accounts", "/payments", "/payments/batch"):
+    for label, text in MALFORMED.items():
+        CASES.append(case(f"POST {path} {label}", "POST", path, text, 400, "malformed_request"))
+
+# --- POST /payments ------------------------------------------------------------------------------
+P = "/payments"
+for name, body, status, code in [
+    ("empty-object", "{}", 422, "validation_error"),
+    ("missing-amount", '{"buyer_account_id": $usd1, "seller_account_id": $usd2}', 422, "validation_error"),
+    ("missing-buyer", '{"seller_account_id": $usd2, "amount": "1"}', 422, "validation_error"),
+    ("missing-seller", '{"buyer_account_id": $usd1, "amount": "1"}', 422, "validation_error"),
+    ("extra-field", pay('"1"', extra=', "note": "x"'), 422, "validation_error"),
+    ("extra-status-field", pay('"1"', extra=', "status": "completed"'), 422, "validation_error"),
+    ("string-buyer-id", pay('"1"', buyer='"$usd1"'), 422, "validation_error"),
+    ("string-seller-id", pay('"1"', seller='"$usd2"'), 422, "validation_error"),
+    ("float-buyer-id", pay('"1"', buyer="$usd1.0"), 422, "validation_error"),
+    ("exponent-buyer-id", pay('"1"', buyer="1e0"), 422, "validation_error"),
+    ("bool-buyer-id", pay('"1"', buyer="true"), 422, "validation_error"),
+    ("null-buyer-id", pay('"1"', buyer="null"), 422, "validation_error"),
+    ("object-buyer-id", pay('"1"', buyer='{"id": $usd1}'), 422, "validation_error"),
+    ("list-buyer-id", pay('"1"', buyer="[$usd1]"), 422, "validation_error"),
+    ("zero-buyer-id", pay('"1"', buyer="0"), 422, "validation_error"),
+    ("negative-buyer-id", pay('"1"', buyer="-1"), 422, "validation_error"),
+    ("bigint-overflow-id", pay('"1"', seller=str(MAX_ID + 1)), 422, "validation_error"),
+    ("40-digit-id", pay('"1"', seller="9" * 40), 422, "validation_error"),
+    ("max-bigint-unknown-id", pay('"1"', seller=str(MAX_ID)), 422, "unknown_account"),
+    ("unknown-buyer", pay('"1"', buyer="987654321"), 422, "unknown_account"),
+    ("unknown-seller", pay('"1"', seller="987654321"), 422, "unknown_account"),
+    ("same-account", pay('"1"', seller="$usd1"), 422, "same_account"),
+    ("currency-mismatch-accounts", pay('"1"', seller="$eur"), 422, "currency_mismatch"),
+    ("explicit-currency-differs", pay('"1"', extra=', "currency_id": 2'), 422, "currency_mismatch"),
+    ("explicit-currency-unknown", pay('"1"', extra=', "currency_id": 99'), 422, "unknown_currency"),
+    ("explicit-currency-zero", pay('"1"', extra=', "currency_id": 0'), 422, "validation_error"),
+    ("explicit-currency-string", pay('"1"', extra=', "currency_id": "1"'), 422, "validation_error"),
+    ("explicit-currency-float", pay('"1"', extra=', "currency_id": 1.0'), 422, "validation_error"),
+    ("explicit-currency-huge", pay('"1"', extra=', "currency_id": 99999999'), 422, "validation_error"),
+    ("amount-zero", pay("0"), 422, "invalid_amount"),
+    ("amount-zero-string", pay('"0"'), 422, "invalid_amount"),
+    ("amount-zero-decimal", pay("0.00"), 422, "invalid_amount"),
+    ("amount-negative-zero", pay("-0.0"), 422, "invalid_amount"),
+    ("amount-negative", pay("-5"), 422, "invalid_amount"),
+    ("amount-negative-decimal", pay("-0.01"), 422, "invalid_amount"),
+    ("amount-negative-string", pay('"-5"'), 422, "invalid_amount"),
+    ("amount-NaN-literal", pay("NaN"), 400, "malformed_request"),
+    ("amount-Infinity-literal", pay("Infinity"), 400, "malformed_request"),
+    ("amount-minus-Infinity-literal", pay("-Infinity"), 400, "malformed_request"),
+    ("amount-NaN-string", pay('"NaN"'), 422, "invalid_amount"),
+    ("amount-Infinity-string", pay('"Infinity"'), 422, "invalid_amount"),
+    ("amount-sNaN-string", pay('"sNaN"'), 422, "invalid_amount"),
+    ("amount-1e999999", pay("1e999999"), 422, "invalid_amount"),
+    ("amount-1e-999999", pay("1e-999999"), 422, "invalid_amount"),
+    ("amount-1e-99999999", pay("1e-99999999"), 422, "invalid_amount"),
+    ("amount-1e99999999", pay("1e99999999"), 422, "invalid_amount"),
+    ("amount-40-digits", pay("1" + "0" * 39), 422, "invalid_amount"),
+    ("amount-40-digits-string", pay('"' + "1" * 40 + '"'), 422, "invalid_amount"),
+    ("amount-40-digit-decimal", pay("1." + "1" * 39), 422, "invalid_amount"),
+    ("amount-10^18", pay("1000000000000000000"), 422, "invalid_amount"),
+    ("amount-3-decimals-usd", pay("0.001"), 422, "invalid_amount"),
+    ("amount-3-decimals-usd-string", pay('"500.123"'), 422, "invalid_amount"),
+    ("amount-9-decimals-btc", pay("0.000000001", buyer="$btc", seller="$btc2"), 422, "invalid_amount"),
+    ("amount-19-decimals", pay("0.0000000000000000001"), 422, "invalid_amount"),
+    ("amount-leading-space", pay('" 1"'), 422, "invalid_amount"),
+    ("amount-trailing-space", pay('"1 "'), 422, "invalid_amount"),
+    ("amount-inner-space", pay('"1 000"'), 422, "invalid_amount"),
+    ("amount-plus-sign", pay('"+1"'), 422, "invalid_amount"),
+    ("amount-exponent-string", pay('"1e3"'), 422, "invalid_amount"),
+    ("amount-hex-string", pay('"0x10"'), 422, "invalid_amount"),
+    ("amount-underscore", pay('"1_000"'), 422, "invalid_amount"),
+    ("amount-comma-decimal", pay('"1,5"'), 422, "invalid_amount"),
+    ("amount-leading-zero", pay('"01"'), 422, "invalid_amount"),
+    ("amount-dot-only", pay('".5"'), 422, "invalid_amount"),
+    ("amount-trailing-dot", pay('"5."'), 422, "invalid_amount"),
+    ("amount-arabic-digits", pay('"\u0661\u0662\u0663"'), 422, "invalid_amount"),
+    ("amount-arabic-digits-escaped", pay('"\\u0661\\u0662"'), 422, "invalid_amount"),
+    ("amount-fullwidth-digits", pay('"\uff11"'), 422, "invalid_amount"),
+    ("amount-empty-string", pay('""'), 422, "invalid_amount"),
+    ("amount-long-string", pay('"' + "1" * 100 + '"'), 422, "invalid_amount"),
+    ("amount-true", pay("true"), 422, None),
+    ("amount-false", pay("false"), 422, None),
+    ("amount-null", pay("null"), 422, None),
+    ("amount-object", pay('{"value": "1"}'), 422, None),
+    ("amount-list", pay('["1"]'), 422, None),
+    ("amount-nul-string", pay('"1\\u0000"'), 422, "invalid_amount"),
+]:
+    CASES.append(case(f"POST {P} {name}", "POST", P, body, status, code))
+
+# --- POST /accounts ------------------------------------------------------------------------------
+A = "/accounts"
+for name, body, status, code in [
+    ("empty-object", "{}", 422, "validation_error"),
+    ("missing-name", '{"currency": "USD"}', 422, "validation_error"),
+    ("missing-currency", '{"name": "n"}', 422, "unknown_currency"),
+    ("extra-field", acct('"1"', extra=', "balance": "5"'), 422, "validation_error"),
+    ("extra-id-field", acct('"1"', extra=', "id": 5'), 422, "validation_error"),
+    ("name-empty", '{"name": "", "currency": "USD"}', 422, "validation_error"),
+    ("name-number", '{"name": 5, "currency": "USD"}', 422, "validation_error"),
+    ("name-null", '{"name": null, "currency": "USD"}', 422, "validation_error"),
+    ("name-object", '{"name": {}, "currency": "USD"}', 422, "validation_error"),
+    ("name-too-long", '{"name": "' + "x" * 201 + '", "currency": "USD"}', 422, "validation_error"),
+    ("name-nul-char", '{"name": "a\\u0000b", "currency": "USD"}', 422, "validation_error"),
+    ("name-tab-char", '{"name": "a\\tb", "currency": "USD"}', 422, "validation_error"),
+    ("name-lone-surrogate", '{"name": "a\\ud800b", "currency": "USD"}', 422, "validation_error"),
+    ("currency-unknown", acct('"1"', currency='"currency": "XYZ"'), 422, "unknown_currency"),
+    ("currency-empty", acct('"1"', currency='"currency": ""'), 422, "validation_error"),
+    ("currency-number", acct('"1"', currency='"currency": 1'), 422, "validation_error"),
+    ("currency-null-only", acct('"1"', currency='"currency": null'), 422, "unknown_currency"),
+    ("currency-id-unknown", acct('"1"', currency='"currency_id": 99'), 422, "unknown_currency"),
+    ("currency-id-zero", acct('"1"', currency='"currency_id": 0'), 422, "validation_error"),
+    ("currency-id-negative", acct('"1"', currency='"currency_id": -1'), 422, "validation_error"),
+    ("currency-id-string", acct('"1"', currency='"currency_id": "1"'), 422, "validation_error"),
+    ("currency-id-float", acct('"1"', currency='"currency_id": 1.0'), 422, "validation_error"),
+    ("currency-id-bool", acct('"1"', currency='"currency_id": true'), 422, "validation_error"),
+    ("currency-id-beyond-bigint", acct('"1"', currency=f'"currency_id": {MAX_ID + 1}'), 422, "validation_error"),
+    ("currency-id-and-code-differ", acct('"1"', currency='"currency_id": 1, "currency": "EUR"'), 422,
+     "currency_mismatch"),
+    ("amount-negative", acct("-1"), 422, "invalid_amount"),
+    ("amount-negative-string", acct('"-0.01"'), 422, "invalid_amount"),
+    ("amount-NaN-literal", acct("NaN"), 400, "malformed_request"),
+    ("amount-Infinity-literal", acct("Infinity"), 400, "malformed_request"),
+    ("amount-minus-Infinity-literal", acct("-Infinity"), 400, "malformed_request"),
+    ("amount-NaN-string", acct('"NaN"'), 422, "invalid_amount"),
+    ("amount-1e999999", acct("1e999999"), 422, "invalid_amount"),
+    ("amount-1e-99999999", acct("1e-99999999"), 422, "invalid_amount"),
+    ("amount-40-digits", acct("1" * 40), 422, "invalid_amount"),
+    ("amount-3-decimals-usd", acct("500.123"), 422, "invalid_amount"),
+    ("amount-9-decimals-btc", acct('"0.123456789"', currency='"currency": "BTC"'), 422, "invalid_amount"),
+    ("amount-spaces", acct('" 5 "'), 422, "invalid_amount"),
+    ("amount-sign", acct('"+5"'), 422, "invalid_amount"),
+    ("amount-exponent-string", acct('"5E2"'), 422, "invalid_amount"),
+    ("amount-unicode-digits", acct('"\u0665"'), 422, "invalid_amount"),
+    ("amount-bool", acct("true"), 422, None),
+    ("amount-null", acct("null"), 422, None),
+    ("amount-object", acct("{}"), 422, None),
+]:
+    CASES.append(case(f"POST {A} {name}", "POST", A, body, status, code))
+
+# --- POST /payments/batch ------------------------------------------------------------------------
+B = "/payments/batch"
+GOOD = pay('"1"')
+for name, body, status, code in [
+    ("empty-object", "{}", 422, "validation_error"),
+    ("payments-empty-list", '{"payments": []}', 422, "validation_error"),
+    ("payments-null", '{"payments": null}', 422, "validation_error"),
+    ("payments-object", '{"payments": {}}', 422, "validation_error"),
+    ("payments-string", '{"payments": "x"}', 422, "validation_error"),
+    ("extra-field", '{"payments": [' + GOOD + '], "note": 1}', 422, "validation_error"),
+    ("atomic-string", '{"payments": [' + GOOD + '], "atomic": "true"}', 422, "validation_error"),
+    ("atomic-number", '{"payments": [' + GOOD + '], "atomic": 1}', 422, "validation_error"),
+    ("atomic-null", '{"payments": [' + GOOD + '], "atomic": null}', 422, "validation_error"),
+    ("item-not-object", '{"payments": [' + GOOD + ', 5]}', 422, "validation_error"),
+    ("item-null", '{"payments": [null]}', 422, "validation_error"),
+    ("items-1001", '{"payments": [' + ", ".join([GOOD] * 1001) + "]}", 422, "validation_error"),
+    ("one-bad-amount", '{"payments": [' + GOOD + ", " + pay("0") + "]}", 422, "validation_error"),
+    ("one-unknown-account", '{"payments": [' + GOOD + ", " + pay('"1"', seller="987654321") + "]}",
+     422, "validation_error"),
+    ("one-currency-mismatch", '{"payments": [' + GOOD + ", " + pay('"1"', seller="$eur") + "]}",
+     422, "validation_error"),
+    ("one-scale", '{"payments": [' + GOOD + ", " + pay('"0.001"') + "]}", 422, "validation_error"),
+    ("atomic-one-bad", '{"atomic": true, "payments": [' + GOOD + ", " + pay('"1"', seller="$usd1") + "]}",
+     422, "validation_error"),
+    ("item-nan-literal", '{"payments": [' + pay("NaN") + "]}", 400, "malformed_request"),
+]:
+    CASES.append(case(f"POST {B} {name}", "POST", B, body, status, code))
+
+# --- URLs and query strings ----------------------------------------------------------------------
+for name, method, path, status, code in [
+    ("payment-abc", "GET", "/payments/abc", 404, "not_found"),
+    ("payment-negative", "GET", "/payments/-1", 404, "not_found"),
+    ("payment-zero", "GET", "/payments/0", 404, "not_found"),
+    ("payment-float", "GET", "/payments/1.0", 404, "not_found"),
+    ("payment-beyond-bigint", "GET", f"/payments/{MAX_ID + 1}", 404, "not_found"),
+    ("payment-20-digits", "GET", "/payments/99999999999999999999", 404, "not_found"),
+    ("payment-max-bigint", "GET", f"/payments/{MAX_ID}", 404, "not_found"),
+    ("payment-unicode-digits", "GET", "/payments/%D9%A1", 404, "not_found"),
+    ("account-abc", "GET", "/accounts/abc", 404, "not_found"),
+    ("account-negative", "GET", "/accounts/-1", 404, "not_found"),
+    ("account-issuance", "GET", "/accounts/1", None, None),  # placeholder replaced below
+    ("account-20-digits", "GET", "/accounts/99999999999999999999", 404, "not_found"),
+    ("account-max-bigint", "GET", f"/accounts/{MAX_ID}", 404, "not_found"),
+    ("account-singular-abc", "GET", "/account/abc", 404, "not_found"),
+    ("account-singular-unknown", "GET", "/account/987654321", 404, "not_found"),
+    ("account-unknown", "GET", "/accounts/987654321", 404, "not_found"),
+    ("entries-unknown", "GET", "/accounts/987654321/entries", 404, "not_found"),
+    ("entries-abc", "GET", "/accounts/abc/entries", 404, "not_found"),
+    ("freeze-unknown", "POST", "/accounts/987654321/freeze", 404, "not_found"),
+    ("freeze-abc", "POST", "/accounts/abc/freeze", 404, "not_found"),
+    ("freeze-negative", "POST", "/accounts/-1/freeze", 404, "not_found"),
+    ("unfreeze-unknown", "POST", "/accounts/987654321/unfreeze", 404, "not_found"),
+    ("unfreeze-beyond-bigint", "POST", "/accounts/99999999999999999999/unfreeze", 404, "not_found"),
+    ("batch-abc", "GET", "/batches/abc", 404, "not_found"),
+    ("batch-unknown", "GET", "/batches/987654321", 404, "not_found"),
+    ("batch-beyond-bigint", "GET", "/batches/99999999999999999999", 404, "not_found"),
+    ("unknown-path", "GET", "/nope", 404, "not_found"),
+    ("get-on-post-only", "GET", "/payments/batch", 405, "method_not_allowed"),
+    ("delete-account", "DELETE", "/accounts/$usd1", 405, "method_not_allowed"),
+    ("put-payment", "PUT", "/payments/1", 405, "method_not_allowed"),
+]:
+    if name == "account-issuance":
+        continue
+    CASES.append(case(f"{method} {name}", method, path, None, status, code))
+
+def _cursor(value) -> str:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+LISTS = ("/accounts", "/payments", "/accounts/$usd1/entries")
+BAD_PAGING = {
+    "limit-zero": "limit=0",
+    "limit-negative": "limit=-1",
+    "limit-too-big": "limit=1001",
+    "limit-huge": "limit=99999999999999999999999",
+    "limit-abc": "limit=abc",
+    "limit-float": "limit=1.5",
+    "limit-exponent": "limit=1e2",
+    "limit-space": "limit=%2010",
+    "limit-plus": "limit=%2B10",
+    "limit-unicode-digit": "limit=%D9%A1",
+    "cursor-garbage": "cursor=abc",
+    "cursor-not-base64": "cursor=%21%21%21",
+    "cursor-wrong-version": "cursor=" + _cursor("v2:10"),
+    "cursor-non-digit": "cursor=" + _cursor("v1:abc"),
+    "cursor-negative": "cursor=" + _cursor("v1:-1"),
+    "cursor-empty-value": "cursor=" + _cursor("v1:"),
+    "cursor-unicode-digit": "cursor=" + _cursor("v1:\u0661"),
+    "cursor-too-long": "cursor=" + _cursor("v1:" + "9" * 22),
+    "cursor-beyond-bigint": "cursor=" + _cursor("v1:" + "9" * 19),
+    "cursor-binary": "cursor=" + _cursor(b"\xff\xfe"),
+}
+for path in LISTS:
+    for label, query in BAD_PAGING.items():
+        CASES.append(case(f"GET {path} {label}", "GET", f"{path}?{query}", None, 400, "malformed_request"))
+for label, query in {
+    "status-unknown": "status=done",
+    "status-upper": "status=PENDING",
+    "status-empty-list": "status=pending,failed",
+    "account-id-abc": "account_id=abc",
+    "account-id-zero": "account_id=0",
+    "account-id-negative": "account_id=-1",
+    "account-id-float": "account_id=1.0",
+    "account-id-beyond-bigint": "account_id=9223372036854775808",
+    "batch-id-abc": "batch_id=abc",
+    "batch-id-beyond-bigint": "batch_id=99999999999999999999",
+}.items():
+    CASES.append(case(f"GET /payments {label}", "GET", f"/payments?{query}", None, 400, "malformed_request"))
+for label, query in {"currency-unknown": "currency=XYZ", "currency-nul": "currency=%00"}.items():
+    CASES.append(case(f"GET /accounts {label}", "GET", f"/accounts?{query}", None, 400, "malformed_request"))
+
+# --- headers: Idempotency-Key and Authorization ----------------------------------------------------
+for path, body in (("/payments", GOOD), ("/accounts", acct('"1"')),
+                   ("/payments/batch", '{"payments": [' + GOOD + "]}")):
+    for label, key in {"too-long": "k" * 256, "non-ascii": "cl\u00e9", "empty": "", "control-char": "a\tb"}.items():
+        CASES.append(case(f"POST {path} idempotency-key-{label}", "POST", path, body, 400, "malformed_request",
+                          {"Idempotency-Key": key}))
+
+AUTH_CASES = {
+    "no-authorization": None,
+    "empty-authorization": "",
+    "wrong-key": "Bearer not-a-key",
+    "bearer-no-key": "Bearer ",
+    "basic-scheme": "Basic dXNlcjpwYXNz",
+    "key-without-scheme": "test-key",
+}
+for method, path, body in (("POST", "/accounts", acct('"1"')), ("POST", "/payments", GOOD),
+                           ("POST", "/payments/batch", '{"payments": [' + GOOD + "]}"),
+                           ("GET", "/accounts", None), ("GET", "/accounts/$usd1", None),
+                           ("GET", "/payments", None), ("GET", "/currencies", None),
+                           ("GET", "/ready", None), ("POST", "/accounts/$usd1/freeze", None),
+                           ("GET", "/payments/abc", None)):
+    for label, value in AUTH_CASES.items():
+        CASES.append(case(f"{method} {path} {label}", method, path, body, 401, "unauthorized",
+                          {"Authorization": value}))
+
+
+@pytest.mark.parametrize("method,path,body,status,code,headers", CASES)
+def test_bad_input(app, client, ids, nothing_written, method, path, body, status, code, headers):
+    path = Template(path).substitute(ids)
+    raw = None if body is None else _raw(Template(body).substitute(ids))
+    headers = dict(headers or {})
+    if "Authorization" in headers:
+        value = headers.pop("Authorization")
+        client = app.test_client()  # no default credentials
+        if value is not None:
+            headers["Authorization"] = value
+    response = call(client, method, path, raw, headers)
+    error = assert_error(response, status, code)
+    if status == 401:
+        assert response.headers.get("WWW-Authenticate", "").startswith("Bearer")
+
+
+def test_batch_lists_every_bad_index(client, ids, nothing_written):
+    items = [pay('"1"'), pay("0"), pay('"1"'), pay('"1"', seller="987654321"), pay('"1"', seller="$eur"),
+             '{"buyer_account_id": "x"}', pay('"0.001"'), pay('"2"', seller="$usd1")]
+    body = Template('{"payments": [' + ", ".join(items) + "]}").substitute(ids).encode()
+    error = assert_error(call(client, "POST", "/payments/batch", body), 422, "validation_error")
+    by_index = {d["index"]: d["code"] for d in error["details"]}
+    assert by_index == {1: "invalid_amount", 3: "unknown_account", 4: "currency_mismatch",
+                        5: "validation_error", 6: "invalid_amount", 7: "same_account"}
+
+
+def test_body_over_size_limit(app, client, ids, nothing_written):
+    limit = app.extensions["wallet"].settings.max_body_bytes
+    assert limit == 1024 * 1024
+    padding = b"x" * (limit + 1)
+    for path, body in (("/accounts", b'{"name": "' + padding + b'", "currency": "USD"}'),
+                       ("/payments", b'{"buyer_account_id": 1, "seller_account_id": 2, "amount": "1' +
+                        b"0" * (limit + 1) + b'"}'),
+                       ("/payments/batch", b'{"payments": [' + b", ".join(
+                           [Template(GOOD).substitute(ids).encode()] * 20_000) + b"]}")):
+        assert len(body) > limit
+        assert_error(call(client, "POST", path, body), 413, "request_too_large")
+
+
+def test_body_just_under_limit_is_parsed(app, client, ids, nothing_written):
+    """A body below the limit gets as far as validation (so the 413 above is about size)."""
+    limit = app.extensions["wallet"].settings.max_body_bytes
+    body = b'{"name": "' + b"x" * (limit - 100) + b'", "currency": "USD"}'
+    assert len(body) < limit
+    assert_error(call(client, "POST", "/accounts", body), 422, "validation_error")
+
+
+# --- fuzz ----------------------------------------------------------------------------------------
+
+class Raw(str):
+    """A JSON fragment written as is (numbers json.dumps could not produce)."""
+
+
+NUMBER_TEXT = st.from_regex(r"\A-?(0|[1-9][0-9]{0,45})(\.[0-9]{1,25})?([eE][+-]?[0-9]{1,9})?\Z")
+AMOUNT_STRINGS = st.sampled_from(["1", "0", "-1", "500.1", "0.001", "1e3", " 1", "+1", "NaN", "Infinity",
+                                  "\u0661", "1" * 40, "", "0.00000001", "1.0", "9" * 18])
+FIELDS = ["name", "currency", "currency_id", "amount", "buyer_account_id", "seller_account_id",
+          "payments", "atomic"]
+
+
+def scalars(ids: dict[str, int]):
+    return st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+        st.sampled_from(list(ids.values()) + [1, 2, 3, 4, -1, 0, MAX_ID, MAX_ID + 1]),
+        st.floats(allow_nan=True, allow_infinity=True), NUMBER_TEXT.map(Raw),
+        st.text(max_size=20), AMOUNT_STRINGS, st.sampled_from(["USD", "EUR", "btc", "XYZ"]),
+    )
+
+
+def json_values(ids):
+    return st.recursive(
+        scalars(ids),
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=5)), children, max_size=5)),
+        max_leaves=12)
+
+
+def usually(good, other, tenths: int = 8):
+    """`good` in about `tenths`/10 of the examples, else `other` (one_of alone favours neither)."""
+    return st.sampled_from(range(10)).flatmap(lambda n: good if n < tenths else other)
+
+
+def amounts(ids):
+    plausible = st.one_of(st.from_regex(r"\A[1-9][0-9]{0,6}(\.[0-9]{1,3})?\Z"),
+                          st.from_regex(r"\A[1-9][0-9]{0,6}(\.[0-9]{1,3})?\Z").map(Raw))
+    return usually(plausible, st.one_of(NUMBER_TEXT.map(Raw), AMOUNT_STRINGS, scalars(ids)), 6)
+
+
+def mostly_valid(required: dict, optional: dict):
+    """Bodies that are often well-formed, so the fuzz gets past validation to the ledger too:
+    sometimes a required field is dropped, sometimes an extra one is added."""
+    keys = list(required)
+    return st.tuples(
+        st.fixed_dictionaries(required, optional=optional),
+        usually(st.none(), st.sampled_from(keys), 9),
+        usually(st.none(), st.tuples(st.text(min_size=1, max_size=8), st.integers()), 9),
+    ).map(lambda t: {**{k: v for k, v in t[0].items() if k != t[1]}, **(dict([t[2]]) if t[2] else {})})
+
+
+def objects(ids, path):
+    known = st.sampled_from(list(ids.values()) + [987654321])
+    if path == "/payments":
+        account = usually(known, scalars(ids), 9)
+        return mostly_valid(
+            {"buyer_account_id": account, "seller_account_id": account, "amount": amounts(ids)},
+            {"currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids))})
+    return mostly_valid(
+        {"name": usually(st.text(min_size=1, max_size=30), scalars(ids))},
+        {"currency": usually(st.sampled_from(["USD", "eur", "BTC", "ETH", "XYZ", ""]), scalars(ids)),
+         "currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids)),
+         "amount": amounts(ids)})
+
+
+def encode(value) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(encode(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+@pytest.mark.parametrize("path", ["/payments", "/accounts"])
+def test_fuzz_never_5xx(app, ids, path):
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+
+    @hsettings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=usually(objects(ids, path), json_values(ids)),
+           mangle=st.sampled_from([""] * 18 + ["cut", "junk"]))
+    def run(body, mangle):
+        text = encode(body)
+        if mangle == "cut":
+            text = text[: len(text) // 2]
+        elif mangle == "junk":
+            text += "}"
+        response = client.post(path, data=text.encode("utf-8", "surrogatepass"), content_type="application/json")
+        assert response.status_code < 500, (text, response.get_data(as_text=True))
+        if response.status_code >= 400:
+            assert_error(response, response.status_code)
+        else:
+            assert response.status_code in (201, 202), response.status_code
+
+    run()
+
+
+def test_chunked_body_over_limit_through_gunicorn(api_url, ids, nothing_written):
+    """Without a Content-Length (chunked upload) the limit still holds: 413, nothing written."""
+    import httpx
+
+    def chunks():
+        yield Template('{"buyer_account_id": $usd1, "seller_account_id": $usd2, "amount": "1", "x": "').substitute(
+            ids).encode()
+        for _ in range(17):
+            yield b"x" * 65536
+        yield b'"}'
+
+    with httpx.Client(base_url=api_url, headers=AUTH, timeout=30) as http:
+        response = http.post("/payments", content=chunks(), headers={"Content-Type": "application/json"})
+        assert "content-length" not in {k.lower() for k in response.request.headers}
+        assert_error(response, 413, "request_too_large")
+        # a small chunked body is read whole (it gets as far as the amount check)
+        small = iter([Template('{"buyer_account_id": $usd1, ').substitute(ids).encode(),
+                      Template('"seller_account_id": $usd2, "amount": "0"}').substitute(ids).encode()])
+        assert_error(http.post("/payments", content=small, headers={"Content-Type": "application/json"}),
+                     422, "invalid_amount")

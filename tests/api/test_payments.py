@@ -1,0 +1,234 @@
+"""Payments: accept (202), read, list with filters and cursors, idempotency (also concurrent)."""
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import datetime
+
+import httpx
+from sqlalchemy import text
+
+from tests.api.conftest import assert_error, row_counts
+from tests.conftest import AUTH
+from tests.support.api import open_account, pay, wait_terminal
+from tests.support.processes import wait_until
+
+
+def post_raw(client, body: bytes, headers=None):
+    return client.post("/payments", data=body, content_type="application/json", headers=headers or {})
+
+
+def test_accept_is_202_pending_with_location(client):
+    a, b = open_account(client, "1000", name="pa"), open_account(client, name="pb")
+    response = post_raw(client, f'{{"buyer_account_id": {a["id"]}, "seller_account_id": {b["id"]},'
+                                f' "amount": 500.1}}'.encode())
+    assert response.status_code == 202
+    payment = response.get_json()
+    assert response.headers["Location"] == f"/payments/{payment['id']}"
+    assert set(payment) == {"id", "status", "buyer_account_id", "seller_account_id", "amount", "currency_id",
+                            "currency", "failure_code", "batch_id", "created_at", "completed_at"}
+    assert (payment["status"], payment["amount"], payment["buyer_account_id"], payment["seller_account_id"],
+            payment["currency_id"], payment["currency"], payment["failure_code"], payment["batch_id"]) == (
+        "pending", "500.1", a["id"], b["id"], 1, "USD", None, None)
+    datetime.fromisoformat(payment["created_at"])
+    fetched = client.get(f"/payments/{payment['id']}").get_json()
+    assert fetched["id"] == payment["id"] and fetched["amount"] == "500.1"
+
+
+def test_amount_forms_are_exact(client, db):
+    a, b = open_account(client, "100", currency_id=3, name="btc-a"), open_account(client, currency_id=3)
+    for raw, shown in (("0.00000001", "0.00000001"), ('"0.10000000"', "0.1"), ("1E-8", "0.00000001"),
+                       ("12", "12"), ('"12.5"', "12.5"), ("2.50", "2.5")):
+        response = post_raw(client, f'{{"buyer_account_id": {a["id"]}, "seller_account_id": {b["id"]},'
+                                    f' "amount": {raw}, "currency_id": 3}}'.encode())
+        assert response.status_code == 202, (raw, response.get_json())
+        payment = response.get_json()
+        assert payment["amount"] == shown, raw
+        with db.transaction() as s:
+            stored = s.execute(text("SELECT amount FROM payments WHERE id = :id"), {"id": payment["id"]}).scalar_one()
+        assert format(stored.normalize(), "f") == shown
+
+
+def test_payment_completes_with_worker(http):
+    a, b = open_account(http, "1000", name="wa"), open_account(http, name="wb")
+    done = wait_terminal(http, pay(http, a["id"], b["id"], "0.01")["id"])
+    assert done["status"] == "completed" and done["failure_code"] is None and done["completed_at"]
+    assert http.get(f"/accounts/{a['id']}").json()["balance"] == "999.99"
+    assert http.get(f"/accounts/{b['id']}").json()["balance"] == "0.01"
+
+
+def _pages(client, query: str, limit: int) -> list[list[dict]]:
+    pages, cursor = [], None
+    while True:
+        url = f"/payments?{query}&limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+        response = client.get(url)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        body = response.get_json()
+        assert set(body) == {"payments", "next_cursor"}
+        pages.append(body["payments"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(body["payments"]) == limit
+        assert len(pages) < 10_000
+
+
+def _ids(pages) -> list[int]:
+    return [p["id"] for page in pages for p in page]
+
+
+def test_list_filters_and_pagination(http, client):
+    a, b, c = (open_account(http, "100", name=n) for n in ("la", "lb", "lc"))
+    a_ids = [pay(http, a["id"], b["id"], "1")["id"] for _ in range(4)]
+    a_ids += [pay(http, c["id"], a["id"], "1")["id"] for _ in range(3)]
+    other = pay(http, b["id"], c["id"], "1")["id"]
+    failing = pay(http, a["id"], c["id"], "1000")["id"]
+    a_ids.append(failing)
+    for pid in a_ids + [other]:
+        wait_terminal(http, pid)
+
+    ids = _ids(_pages(client, f"account_id={a['id']}", 3))
+    assert ids == sorted(a_ids, reverse=True)  # newest first, each once, both sides of the account
+    assert other not in ids
+
+    failed = _ids(_pages(client, f"account_id={a['id']}&status=failed", 2))
+    assert failed == [failing]
+    completed = _ids(_pages(client, f"account_id={a['id']}&status=completed", 2))
+    assert completed == sorted(set(a_ids) - {failing}, reverse=True)
+    assert _pages(client, f"account_id={a['id']}&status=pending", 5) == [[]]
+
+    listed = client.get(f"/payments?account_id={a['id']}&status=failed").get_json()["payments"]
+    assert listed[0]["failure_code"] == "insufficient_funds"
+
+
+def test_list_by_batch(client):
+    a, b = open_account(client, "100", name="ba"), open_account(client, name="bb")
+    item = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
+    batch = client.post("/payments/batch", json={"payments": [item] * 5}).get_json()
+    pay(client, a["id"], b["id"], "1")  # not in the batch
+    ids = _ids(_pages(client, f"batch_id={batch['batch_id']}", 2))
+    assert ids == sorted((p["id"] for p in batch["payments"]), reverse=True)
+    assert client.get("/payments?batch_id=987654321").get_json() == {"payments": [], "next_cursor": None}
+
+
+def test_list_unfiltered_every_row_once(client, db):
+    a, b = open_account(client, "100", name="ua"), open_account(client, name="ub")
+    for _ in range(5):
+        pay(client, a["id"], b["id"], "1")
+    with db.transaction() as s:
+        expected = list(s.execute(text("SELECT id FROM payments ORDER BY id DESC")).scalars())
+    assert _ids(_pages(client, "", 37)) == expected
+    default = client.get("/payments").get_json()
+    assert len(default["payments"]) == min(50, len(expected))
+
+
+def test_pagination_while_inserting(app, client, db):
+    a, b = open_account(client, "1000000", name="ins-a"), open_account(client, name="ins-b")
+    for _ in range(40):
+        pay(client, a["id"], b["id"], "1")
+    with db.transaction() as s:
+        existing_all = set(s.execute(text("SELECT id FROM payments")).scalars())
+        existing_a = set(s.execute(text("SELECT id FROM payments WHERE buyer_account_id = :a"),
+                                   {"a": a["id"]}).scalars())
+    inserted: list[int] = []
+    stop = threading.Event()
+
+    def insert():
+        writer = app.test_client()
+        writer.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+        while not stop.is_set():
+            inserted.append(pay(writer, a["id"], b["id"], "1")["id"])
+
+    thread = threading.Thread(target=insert, daemon=True)
+    thread.start()
+    listings = []
+    try:
+        wait_until(lambda: len(inserted) >= 3, 20, "the inserter to start")
+        for query, limit, existing in ((f"account_id={a['id']}", 3, existing_a), ("", 7, existing_all)):
+            during = len(inserted)
+            listings.append((_ids(_pages(client, query, limit)), existing))
+            assert len(inserted) > during, "nothing was inserted while paging"
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    for ids, existing in listings:
+        assert len(ids) == len(set(ids)), "a row was returned twice"
+        assert ids == sorted(ids, reverse=True)
+        assert existing <= set(ids), f"missing rows: {sorted(existing - set(ids))[:10]}"
+        assert set(ids) - existing <= set(inserted), "rows that are neither old nor inserted"
+
+
+def test_idempotent_payment(client, db):
+    a, b = open_account(client, "100", name="ia"), open_account(client, name="ib")
+    key = str(uuid.uuid4())
+    body = f'{{"buyer_account_id": {a["id"]}, "seller_account_id": {b["id"]}, "amount": 500.1}}'.encode()
+    first = post_raw(client, body, {"Idempotency-Key": key})
+    assert first.status_code == 202
+    before = row_counts(db)
+    for replay in (body, f'{{"amount": "500.10", "seller_account_id": {b["id"]},'
+                         f' "buyer_account_id": {a["id"]}}}'.encode()):
+        again = post_raw(client, replay, {"Idempotency-Key": key})
+        assert again.status_code == 202
+        assert again.get_json()["id"] == first.get_json()["id"]
+        assert again.headers["Location"] == first.headers["Location"]
+    assert row_counts(db) == before
+    for other in (f'{{"buyer_account_id": {a["id"]}, "seller_account_id": {b["id"]}, "amount": 500.2}}',
+                  f'{{"buyer_account_id": {b["id"]}, "seller_account_id": {a["id"]}, "amount": 500.1}}',
+                  f'{{"buyer_account_id": {a["id"]}, "seller_account_id": {b["id"]}, "amount": 500.1,'
+                  f' "currency_id": 1}}'):
+        assert_error(post_raw(client, other.encode(), {"Idempotency-Key": key}), 409, "idempotency_conflict")
+    assert row_counts(db) == before
+
+
+def test_idempotent_replay_after_completion(http):
+    a, b = open_account(http, "10", name="ra"), open_account(http, name="rb")
+    key = str(uuid.uuid4())
+    body = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "4"}
+    first = http.post("/payments", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 202
+    wait_terminal(http, first.json()["id"])
+    again = http.post("/payments", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.json()["status"] == "completed"
+    assert http.get(f"/accounts/{a['id']}").json()["balance"] == "6"  # applied once
+
+
+def test_failed_request_does_not_burn_the_key(client, db):
+    a, b = open_account(client, "10", name="fa"), open_account(client, name="fb")
+    key = str(uuid.uuid4())
+    bad = client.post("/payments", json={"buyer_account_id": a["id"], "seller_account_id": 987654321,
+                                         "amount": "1"}, headers={"Idempotency-Key": key})
+    assert_error(bad, 422, "unknown_account")
+    good = client.post("/payments", json={"buyer_account_id": a["id"], "seller_account_id": b["id"],
+                                          "amount": "1"}, headers={"Idempotency-Key": key})
+    assert good.status_code == 202
+
+
+def test_concurrent_first_requests_with_one_key(api_url, db):
+    with httpx.Client(base_url=api_url, headers=AUTH, timeout=10) as c:
+        a = open_account(c, "100", name="ca")
+        b = open_account(c, name="cb")
+    key = str(uuid.uuid4())
+    body = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
+    threads_n = 12
+    barrier = threading.Barrier(threads_n)
+    results: list[tuple[int, int]] = []
+
+    def fire():
+        with httpx.Client(base_url=api_url, headers={**AUTH, "Idempotency-Key": key}, timeout=20) as c:
+            barrier.wait(timeout=20)
+            response = c.post("/payments", json=body)
+            results.append((response.status_code, response.json().get("id")))
+
+    threads = [threading.Thread(target=fire) for _ in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == threads_n
+    assert {status for status, _ in results} == {202}, results
+    assert len({pid for _, pid in results}) == 1, results
+    with db.transaction() as s:
+        assert s.execute(text("SELECT count(*) FROM payments WHERE buyer_account_id = :a"),
+                         {"a": a["id"]}).scalar_one() == 1
