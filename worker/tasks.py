@@ -11,7 +11,7 @@ import threading
 import time
 
 from celery import Task, shared_task, signals
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
 
 from common import ledger, metrics, sweeper
 from common.db import Database, is_unavailable
@@ -72,12 +72,12 @@ class WalletTask(Task):
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
-        except DBAPIError as exc:
-            if not is_unavailable(exc):
+        except (DBAPIError, PoolTimeout) as exc:
+            if isinstance(exc, DBAPIError) and not is_unavailable(exc):
                 raise
             countdown = min(30, 0.5 * 2 ** min(self.request.retries, 6))
             log.warning("database unavailable, retrying in %.1fs: %s", countdown, exc.__class__.__name__)
-            raise self.retry(exc=exc, countdown=countdown)
+            raise self.retry(exc=exc, countdown=countdown) from exc
 
 
 @shared_task(name=APPLY_PAYMENTS, base=WalletTask, bind=True)
