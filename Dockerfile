@@ -6,7 +6,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN groupadd --system --gid 10001 wallet \
-    && useradd --system --uid 10001 --gid wallet --home-dir /app --no-create-home wallet
+    && useradd --system --uid 10001 --gid wallet --home-dir /app --no-create-home wallet \
+    && mkdir /metrics && chown wallet:wallet /metrics
 
 WORKDIR /app
 

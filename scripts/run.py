@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +42,11 @@ def main() -> int:
         dev_secret("dev-api-key", lambda: "dev_" + secrets.token_urlsafe(24))
     flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or \
         dev_secret("flower-auth", lambda: "admin:" + secrets.token_urlsafe(12))
+    metrics_dir = VAR / "metrics"  # every process's Prometheus counters, summed by /metrics
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir()
     env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": services.redis_url,
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
            "WALLET_API_KEYS": os.environ.get("WALLET_API_KEYS") or api_key,
            "FLOWER_BASIC_AUTH": flower_auth, "PYTHONUNBUFFERED": "1"}
     commands = {
