@@ -192,6 +192,8 @@ class Bench:
 
             if not a.no_reference:
                 result["reference"] = self._reference()
+                result["reference_reconcile"] = {"ok": not self.reference_reconcile_problems,
+                                                 "problems": self.reference_reconcile_problems}
             else:
                 result["reference"] = {}
 
@@ -237,18 +239,30 @@ class Bench:
         clients = a.clients
         with Session(engine) as session, session.begin():
             variables = reference.prepare(session, a.accounts, clients, a.reference_duration)
-        with engine.connect() as conn:
-            conn.execute(text("COMMIT"))
+        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
             conn.execute(text("VACUUM ANALYZE"))
-        engine.dispose()
+
+        def completed() -> int:
+            with engine.connect() as conn:
+                return conn.execute(text(
+                    "SELECT count(*) FROM payments WHERE status = 'completed'")).scalar_one()
         out = {}
         for variant in ("uniform", "hot"):
             log(f"pgbench reference '{variant}': {clients} clients, {a.reference_duration} s")
+            before = completed()
             r = reference.run(ref_url, variables, variant, clients, threads=min(2, clients),
                               duration_s=a.reference_duration, mode=a.pgbench_mode,
                               log_path=self.log_dir / f"pgbench-{variant}.log")
             out[variant] = r.__dict__
-            log(f"  {r.tps:,.0f} tps, latency avg {r.latency_avg_ms} ms, failed {r.failed}")
+            # Each transaction completes a pending payment of its own (until a client's share
+            # wraps around): the count shows the script did the work it claims.
+            out[variant]["payments_completed"] = completed() - before
+            log(f"  {r.tps:,.0f} tps, latency avg {r.latency_avg_ms} ms, failed {r.failed},"
+                f" {out[variant]['payments_completed']} payments completed"
+                f" of {r.transactions} transactions")
+        with Session(engine) as session:
+            self.reference_reconcile_problems = reconcile(session)[:20]
+        engine.dispose()
         svc.drop_database(self.services.database_url, "wallet_bench_ref")
         return out
 
