@@ -49,23 +49,29 @@ class PgbenchResult:
     command: str
 
 
+VARIANTS = ("uniform", "hot")
+
+
 def prepare(session, accounts: int, clients: int, duration_s: float, max_tps: float = 12_000
             ) -> dict[str, int]:
-    """Seed the reference database (the caller commits): `accounts` funded accounts and enough
-    pending payments for each client to complete its own. Returns pgbench's -D variables."""
+    """Seed the reference database (the caller commits): `accounts` funded accounts and, for each
+    variant and each client, `stride` pending payments of its own to complete (enough at up to
+    `max_tps`; if a client's share wraps around, payments are completed twice, which the harness
+    detects: payments_completed < transactions and reconcile fails). Returns -D variables."""
     from bench.seed import seed_accounts, seed_pending_payments
     ids = seed_accounts(session, accounts, Decimal("1000000"), Decimal("1000000000"))
     if ids != list(range(ids[0], ids[0] + len(ids))):
         raise RuntimeError("reference accounts are not contiguous ids")
     stride = max(100, math.ceil(max_tps * duration_s / clients))
-    first, _ = seed_pending_payments(session, stride * clients, ids[0], ids[1])
+    first, _ = seed_pending_payments(session, stride * clients * len(VARIANTS), ids[0], ids[1])
     return {"lo": ids[0], "n": len(ids), "base": first, "stride": stride, "hot_id": ids[0]}
 
 
 def run(database_url: str, variables: dict[str, int], variant: str, clients: int, threads: int,
         duration_s: float, mode: str, log_path: Path) -> PgbenchResult:
     hot = variables["hot_id"] if variant == "hot" else 0
-    defs = {"lo": variables["lo"], "n": variables["n"], "base": variables["base"],
+    base = variables["base"] + VARIANTS.index(variant) * clients * variables["stride"]
+    defs = {"lo": variables["lo"], "n": variables["n"], "base": base,
             "stride": variables["stride"], "hot": hot, "step": 0}
     args = [pgbench_binary(), "-n", "-c", str(clients), "-j", str(threads), "-T", str(int(math.ceil(duration_s))),
             "-M", mode, "-f", str(SCRIPT)]

@@ -247,7 +247,7 @@ class Bench:
                 return conn.execute(text(
                     "SELECT count(*) FROM payments WHERE status = 'completed'")).scalar_one()
         out = {}
-        for variant in ("uniform", "hot"):
+        for variant in reference.VARIANTS:
             log(f"pgbench reference '{variant}': {clients} clients, {a.reference_duration} s")
             before = completed()
             r = reference.run(ref_url, variables, variant, clients, threads=min(2, clients),

@@ -25,7 +25,8 @@ def test_bench_smoke_writes_every_field(tmp_path, services):
     output = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     # The session's PostgreSQL and Redis: the bench makes its own databases on that server.
-    env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url)
+    # Its own Redis database number, so no other test's worker can take the bench's messages.
+    env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url.rsplit("/", 1)[0] + "/15")
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--output", str(output),
                            "--var-dir", str(tmp_path / "var")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
