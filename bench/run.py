@@ -37,7 +37,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
 from bench import load as loadgen
-from bench import metrics, reference, report, system
+from bench import metrics, reference, report, system, wrk
 from bench.seed import seed_accounts
 from common.ledger import reconcile
 from common.settings import sqlalchemy_url
@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-pool", default="prefork", help="--pool of each worker (prefork)")
     p.add_argument("--worker-loglevel", default="INFO")
     p.add_argument("--worker-arg", action="append", default=[], help="extra celery worker argument")
+    p.add_argument("--loadgen", choices=("auto", "python", "wrk"), default="auto",
+                   help="auto: wrk (with bench/wrk_payments.lua) when on PATH, else the aiohttp client")
     p.add_argument("--no-beat", action="store_true", help="do not run beat (the sweeper)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the API and workers, e.g. WALLET_DISPATCH_WINDOW_MS=5")
@@ -228,7 +230,7 @@ class Bench:
                 "worker_pool": a.worker_pool, "worker_loglevel": a.worker_loglevel,
                 "worker_args": a.worker_arg, "beat": not a.no_beat, "env": a.env,
                 "reference_duration_s": a.reference_duration, "pgbench_mode": a.pgbench_mode,
-                "smoke": a.smoke, "load_generator": "aiohttp (asyncio, one process, closed loop)",
+                "smoke": a.smoke, "loadgen": a.loadgen,
                 "seed": a.seed}
 
     def _reference(self) -> dict:
@@ -303,18 +305,31 @@ class Bench:
                   ref: dict) -> dict:
         a = self.args
         hot = account_ids[0]
+        use_wrk = self._use_wrk(urls, account_ids)
         if name == "batch":
-            bodies = loadgen.batch_bodies(account_ids, 300, a.batch_size, self.rng)
             path, per_request = "/payments/batch", a.batch_size
         else:
-            bodies = loadgen.single_bodies(account_ids, 20_000, hot if name == "hot" else None, self.rng)
             path, per_request = "/payments", 1
+        if not use_wrk:  # encoded before the clock starts
+            bodies = (loadgen.batch_bodies(account_ids, 300, a.batch_size, self.rng) if name == "batch"
+                      else loadgen.single_bodies(account_ids, 20_000, hot if name == "hot" else None,
+                                                 self.rng))
         with engine.connect() as conn:
             first_id = conn.execute(text("SELECT coalesce(max(id), 0) + 1 FROM payments")).scalar_one()
-        log(f"scenario '{name}': {a.clients} clients, {a.duration} s (warm-up {a.warmup} s)")
+        log(f"scenario '{name}': {a.clients} clients, {a.duration} s (warm-up {a.warmup} s),"
+            f" load generator {'wrk' if use_wrk else 'aiohttp'}")
         cpu_before, sys_before = self.cpu.snapshot(), psutil.cpu_times()
-        load = loadgen.run_load([u + path for u in urls], bodies, per_request, self.api_key,
-                                a.clients, a.duration)
+        if use_wrk:
+            client, window_start, window_end, client_cpu, client_wall = wrk.run(
+                urls[0] + path, self.api_key, account_ids[0], len(account_ids),
+                hot if name == "hot" else 0, a.batch_size if name == "batch" else 0, a.seed,
+                a.clients, a.duration, a.warmup, self.log_dir / f"wrk-{name}.log")
+        else:
+            load = loadgen.run_load([u + path for u in urls], bodies, per_request, self.api_key,
+                                    a.clients, a.duration)
+            client = metrics.client_metrics(load, a.warmup, a.duration)
+            window_start, window_end = load.started + a.warmup, load.started + a.duration
+            client_cpu, client_wall = load.cpu_s, load.duration_s
         cpu_after, sys_after = self.cpu.snapshot(), psutil.cpu_times()
         load_end = time.perf_counter()
         for p in self.procs:
@@ -336,11 +351,11 @@ class Bench:
             log(f"  not drained after {a.drain_timeout} s")
 
         out = {"name": name, "path": path, "payments_per_request": per_request,
-               "window_s": round(a.duration - a.warmup, 3)}
-        out.update(metrics.client_metrics(load, a.warmup, a.duration))
+               "loadgen": "wrk" if use_wrk else "aiohttp",
+               "window_s": round(window_end - window_start, 3)}
+        out.update(client)
         with Session(engine) as session:
-            out.update(metrics.database_metrics(session, first_id, load.started + a.warmup,
-                                                load.started + a.duration))
+            out.update(metrics.database_metrics(session, first_id, window_start, window_end))
         out["backlog_at_load_end"] = backlog
         out["drain_s"] = drain_s
         ref_key = "hot" if name == "hot" else "uniform"
@@ -349,20 +364,39 @@ class Bench:
         out["reference_tps"] = ref_tps
         out["ratio_to_reference"] = round(out["completed_per_s"] / ref_tps, 3) if ref_tps else None
         out["failures"] = out["http_failures"] + out["failed"] + (out["pending_after_drain"] or 0)
-        wall = load.duration_s
-        out["load_generator"] = {"cpu_s": round(load.cpu_s, 2), "wall_s": round(wall, 2),
-                                 "cpu_cores_used": round(load.cpu_s / wall, 3) if wall else None}
+        out["load_generator"] = {"kind": out["loadgen"], "cpu_s": round(client_cpu, 2),
+                                 "wall_s": round(client_wall, 2),
+                                 "cpu_cores_used": round(client_cpu / client_wall, 3) if client_wall else None,
+                                 "cpu_ms_per_request": round(1000 * client_cpu / max(out["requests"], 1), 3)}
         busy = {k: getattr(sys_after, k) - getattr(sys_before, k) for k in sys_after._fields}
         total = sum(busy.values())
         idle = busy.get("idle", 0) + busy.get("iowait", 0)
         out["cpu_s"] = {**system.CpuGroups.delta(cpu_before, cpu_after),
-                        "load_generator": round(load.cpu_s, 3)}
+                        "load_generator": round(client_cpu, 3)}
         out["machine_cpu_busy_pct"] = round(100 * (1 - idle / total), 1) if total else None
         log(f"  accepted {out['accepted_per_s']:,.0f}/s, completed {out['completed_per_s']:,.0f}/s"
             f" (ref {ref_tps or 0:,.0f}), accept p99 {out['acceptance_latency_ms']['p99']} ms,"
             f" complete p99 {out['completion_latency_ms']['p99']} ms, failures {out['failures']},"
             f" drain {drain_s} s, client CPU {out['load_generator']['cpu_cores_used']} cores")
         return out
+
+    def _use_wrk(self, urls: list[str], account_ids: list[int]) -> bool:
+        a = self.args
+        if a.loadgen == "python":
+            return False
+        problem = None
+        if not wrk.available():
+            problem = "wrk is not installed (apt-get install wrk)"
+        elif len(urls) > 1:
+            problem = "wrk drives one URL; --api-layout instances has several"
+        elif account_ids != list(range(account_ids[0], account_ids[0] + len(account_ids))):
+            problem = "account ids are not contiguous"
+        if problem and a.loadgen == "wrk":
+            raise SystemExit(f"--loadgen wrk: {problem}")
+        if problem and not getattr(self, "_told", False):
+            log(f"load generator: the aiohttp client ({problem})")
+            self._told = True
+        return problem is None
 
     def _stop(self) -> None:
         for p in reversed(self.procs):
