@@ -85,7 +85,9 @@ def start_api(env: dict[str, str], log_dir: Path, workers: int, extra_args: list
               name: str) -> Proc:
     port = free_port()
     proc = Proc(name, [str(BIN / "gunicorn"), "api:create_app()", "--bind", f"127.0.0.1:{port}",
-                       "--workers", str(workers), "--graceful-timeout", "5", *extra_args],
+                       "--workers", str(workers), "--graceful-timeout", "5",
+                       # one control socket per instance (by default they would share one path)
+                       "--control-socket", str(log_dir / f"{name}.ctl"), *extra_args],
                 env, log_dir / f"{name}.log", port=port).start()
     wait_until(lambda: _healthy(port) or proc.check_alive(), 60, f"{name} on :{port}")
     return proc
