@@ -332,6 +332,11 @@ class Bench:
             client_cpu, client_wall = load.cpu_s, load.duration_s
         cpu_after, sys_after = self.cpu.snapshot(), psutil.cpu_times()
         load_end = time.perf_counter()
+        # wrk abandons the requests in flight when it stops, but the API still serves them (they
+        # wait in gunicorn's listen backlog): none takes longer than the slowest answer seen, so
+        # the drain is not over before that much time has passed.
+        settle_until = load_end + (client["acceptance_latency_ms"]["max"] or 0) / 1000 + 0.5 \
+            if use_wrk else load_end
         for p in self.procs:
             p.check_alive()
         with engine.connect() as conn:
@@ -339,6 +344,8 @@ class Bench:
                 "SELECT count(*) FROM payments WHERE id >= :f AND status = 'pending'"), {"f": first_id}).scalar_one()
 
         def drained():
+            if time.perf_counter() < settle_until:
+                return False
             with engine.connect() as conn:
                 return conn.execute(text(
                     "SELECT count(*) = 0 FROM payments WHERE id >= :f AND status = 'pending'"),
