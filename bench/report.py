@@ -83,6 +83,11 @@ def table(result: dict) -> str:
             f" {f(s['acceptance_latency_ms']['p50'], 1):>8} {f(s['acceptance_latency_ms']['p99'], 1):>8}"
             f" {f(s['completion_latency_ms']['p50'], 1):>8} {f(s['completion_latency_ms']['p99'], 1):>8}"
             f" {s['failures']:>5} {f(s['load_generator']['cpu_cores_used'], 2):>9}c")
+    noisy = [f"{s['name']} {s['cpu_share_outside_benchmark_pct']}%" for s in result["scenarios"]
+             if (s.get("cpu_share_outside_benchmark_pct") or 0) > 10]
+    if noisy:
+        lines.append("WARNING: other processes took this share of the machine's CPU during the load"
+                     f" (noisy numbers): {', '.join(noisy)}")
     lines.append("latencies in ms; ratio = completed/s / pgbench tps; client CPU in cores"
                  " (loadgen CPU seconds / wall seconds)")
     ref = result.get("reference") or {}

@@ -375,12 +375,19 @@ class Bench:
                                  "wall_s": round(client_wall, 2),
                                  "cpu_cores_used": round(client_cpu / client_wall, 3) if client_wall else None,
                                  "cpu_ms_per_request": round(1000 * client_cpu / max(out["requests"], 1), 3)}
-        busy = {k: getattr(sys_after, k) - getattr(sys_before, k) for k in sys_after._fields}
-        total = sum(busy.values())
-        idle = busy.get("idle", 0) + busy.get("iowait", 0)
+        # guest times are already inside user/nice on Linux
+        spent = {k: getattr(sys_after, k) - getattr(sys_before, k) for k in sys_after._fields
+                 if not k.startswith("guest")}
+        total = sum(spent.values())
+        busy = total - spent.get("idle", 0) - spent.get("iowait", 0)
         out["cpu_s"] = {**system.CpuGroups.delta(cpu_before, cpu_after),
                         "load_generator": round(client_cpu, 3)}
-        out["machine_cpu_busy_pct"] = round(100 * (1 - idle / total), 1) if total else None
+        ours = sum(out["cpu_s"].values())
+        out["machine_cpu_busy_pct"] = round(100 * busy / total, 1) if total else None
+        # CPU that processes outside the benchmark took meanwhile (other work on the machine, or
+        # PostgreSQL/Redis when they are not embedded): a large share means a noisy result.
+        out["cpu_s_outside_benchmark"] = round(max(busy - ours, 0.0), 2)
+        out["cpu_share_outside_benchmark_pct"] = round(100 * max(busy - ours, 0.0) / total, 1) if total else None
         log(f"  accepted {out['accepted_per_s']:,.0f}/s, completed {out['completed_per_s']:,.0f}/s"
             f" (ref {ref_tps or 0:,.0f}), accept p99 {out['acceptance_latency_ms']['p99']} ms,"
             f" complete p99 {out['completion_latency_ms']['p99']} ms, failures {out['failures']},"

@@ -19,6 +19,7 @@ SCENARIO_FIELDS = {
     "name", "accepted_per_s", "completed_per_s", "reference_tps", "ratio_to_reference",
     "acceptance_latency_ms", "completion_latency_ms", "failures", "http_failures", "failed",
     "pending_after_drain", "drain_s", "load_generator", "cpu_s", "requests", "payments",
+    "cpu_share_outside_benchmark_pct", "machine_cpu_busy_pct", "backlog_at_load_end",
 }
 LATENCY_FIELDS = {"p50", "p99"}
 
