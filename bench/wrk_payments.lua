@@ -1,0 +1,55 @@
+-- wrk driver for make bench (bench/wrk.py runs it). Arguments after `--`:
+--   api_key lo n hot batch_size seed
+-- Accounts are lo .. lo+n-1. hot > 0 fixes the buyer. batch_size > 0 sends POST /payments/batch
+-- bodies of that many items (non-atomic), else single POST /payments bodies.
+-- No response() callback: wrk then does not hand every response to Lua, which keeps it cheap;
+-- its own counters give non-2xx/3xx statuses (errors.status) and socket errors.
+local threads = {}
+local counter = 0
+
+function setup(thread)
+  counter = counter + 1
+  thread:set("thread_id", counter)
+  table.insert(threads, thread)
+end
+
+local lo, n, hot, batch
+
+function init(args)
+  wrk.method = "POST"
+  wrk.headers["Authorization"] = "Bearer " .. args[1]
+  wrk.headers["Content-Type"] = "application/json"
+  lo, n, hot, batch = tonumber(args[2]), tonumber(args[3]), tonumber(args[4]), tonumber(args[5])
+  math.randomseed(tonumber(args[6]) * 1000 + thread_id)
+end
+
+local function item(use_hot)
+  local buyer = lo + math.random(0, n - 1)
+  if use_hot and hot > 0 then buyer = hot end
+  local seller = lo + ((buyer - lo + math.random(1, n - 1)) % n)
+  return string.format('{"buyer_account_id":%d,"seller_account_id":%d,"amount":"0.%02d"}',
+                       buyer, seller, math.random(1, 99))
+end
+
+function request()
+  local body
+  if batch > 0 then
+    local items = {}
+    for i = 1, batch do items[i] = item(false) end
+    body = '{"atomic":false,"payments":[' .. table.concat(items, ",") .. ']}'
+  else
+    body = item(true)
+  end
+  return wrk.format(nil, nil, nil, body)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests":%d,"duration_us":%d,"connect_errors":%d,"read_errors":%d,' ..
+    '"write_errors":%d,"status_errors":%d,"timeout_errors":%d,' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    latency.mean))
+end
