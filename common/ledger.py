@@ -233,6 +233,28 @@ def _payment_rows(session: Session, ids: list[int]) -> list[Mapping[str, Any]]:
     ), {"ids": ids}).mappings())
 
 
+# The accounts are read by primary key into a small materialized set first: joined directly, the
+# planner may reach the seller through the currency index (s.currency_id = b.currency_id makes it
+# an equivalence) and scan every account of the currency for each payment.
+_INSERT_PAYMENTS = text(
+    "WITH r AS (SELECT * FROM unnest(CAST(:buyers AS bigint[]), CAST(:sellers AS bigint[]),"
+    "                                CAST(:amounts AS numeric[]), CAST(:currencies AS smallint[]))"
+    "           WITH ORDINALITY AS r(buyer, seller, amount, currency_id, n)),"
+    " known AS MATERIALIZED ("
+    "   SELECT a.id, a.currency_id, c.scale FROM accounts a JOIN currencies c ON c.id = a.currency_id"
+    "   WHERE a.id = ANY(CAST(:buyers AS bigint[]) || CAST(:sellers AS bigint[]))"
+    "     AND a.kind = 'customer')"
+    " INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, batch_id)"
+    " SELECT r.buyer, r.seller, b.currency_id, r.amount, :batch_id"
+    " FROM r JOIN known b ON b.id = r.buyer JOIN known s ON s.id = r.seller"
+    " WHERE s.currency_id = b.currency_id"
+    "   AND (r.currency_id IS NULL OR r.currency_id = b.currency_id)"
+    "   AND scale(r.amount) <= b.scale"
+    " ORDER BY r.n"
+    f" RETURNING {PAYMENT_COLUMNS}"
+)
+
+
 def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
                     batch_id: int | None = None) -> list[Mapping[str, Any]]:
     """Record payments as `pending` with one statement, which also checks the accounts exist and
@@ -249,21 +271,7 @@ def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[Pay
             amounts.append(None)
             problems.append((index, exc))
     if not problems:
-        rows = session.execute(text(
-            "INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, batch_id)"
-            " SELECT r.buyer, r.seller, b.currency_id, r.amount, :batch_id"
-            " FROM unnest(CAST(:buyers AS bigint[]), CAST(:sellers AS bigint[]),"
-            "             CAST(:amounts AS numeric[]), CAST(:currencies AS smallint[]))"
-            "      WITH ORDINALITY AS r(buyer, seller, amount, currency_id, n)"
-            " JOIN accounts b ON b.id = r.buyer AND b.kind = 'customer'"
-            " JOIN accounts s ON s.id = r.seller AND s.kind = 'customer'"
-            "   AND s.currency_id = b.currency_id"
-            " JOIN currencies c ON c.id = b.currency_id"
-            " WHERE (r.currency_id IS NULL OR r.currency_id = b.currency_id)"
-            "   AND scale(r.amount) <= c.scale"
-            " ORDER BY r.n"
-            f" RETURNING {PAYMENT_COLUMNS}"
-        ), {
+        rows = session.execute(_INSERT_PAYMENTS, {
             "batch_id": batch_id,
             "buyers": [r.buyer_account_id for r in reqs],
             "sellers": [r.seller_account_id for r in reqs],
