@@ -55,6 +55,8 @@ def start_postgres(data_dir: Path) -> str:
     runtime_dir = data_dir.parent / "xdg"  # pgserver keeps its lock files there
     runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime_dir))
+    import logging
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # its chatter lands after pytest's summary
     import pgserver
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(str(data_dir), cleanup_mode=None)  # keeps running after we exit
