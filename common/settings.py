@@ -29,7 +29,7 @@ def hash_api_key(key: str) -> str:
 class Settings:
     database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/wallet"
     broker_url: str = "redis://127.0.0.1:6379/0"
-    queues: int = 8
+    queues: int = 4
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     sweep_after_seconds: float = 10.0
     sweep_interval_seconds: float = 2.0
