@@ -1,7 +1,6 @@
 """What one API process holds: settings, the database pool, the currencies and the dispatcher."""
 from __future__ import annotations
 
-import functools
 
 from flask import current_app
 

@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
-from pathlib import Path
+
 
 from bench.run import RESULTS
 

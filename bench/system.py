@@ -3,65 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from scripts.services import ROOT, free_port
-
-BIN = Path(sys.executable).parent
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-@dataclass
-class Proc:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    port: int | None = None
-
-    def start(self) -> "Proc":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def check_alive(self) -> bool:
-        if not self.alive():
-            tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
-            raise RuntimeError(f"{self.name} exited:\n{tail}")
-        return False
-
-    def stop(self, timeout_s: float = 15) -> None:
-        if not self.alive():
-            return
-        os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=30)
+from scripts.procs import BIN, Proc, wait_until  # noqa: F401  (bench.run uses them from here)
+from scripts.services import free_port
 
 
 def service_env(database_url: str, broker_url: str, api_key: str, **extra: str) -> dict[str, str]:

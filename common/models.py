@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger, Boolean, CheckConstraint, Column, DateTime, ForeignKey, Index, Integer, MetaData,
-    Numeric, SmallInteger, String, Table, Text, func, text,
+    Numeric, SmallInteger, String, Table, func, text,
 )
 
 metadata = MetaData()

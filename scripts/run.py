@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.services import ROOT, create_database, ensure_services, migrate, with_database
+from scripts.services import ROOT, create_database, ensure_services, migrate
 
 VAR = ROOT / "var"
 BIN = Path(sys.executable).parent

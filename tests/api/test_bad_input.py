@@ -361,7 +361,7 @@ def test_bad_input(app, client, ids, nothing_written, method, path, body, status
         if value is not None:
             headers["Authorization"] = value
     response = call(client, method, path, raw, headers)
-    error = assert_error(response, status, code)
+    assert_error(response, status, code)
     if status == 401:
         assert response.headers.get("WWW-Authenticate", "").startswith("Bearer")
 

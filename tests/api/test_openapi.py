@@ -2,7 +2,6 @@
 answers what it says. Schemathesis generates valid and invalid requests from the document and
 fails on any 5xx or any response (status, content type, body, headers) not in the document."""
 import httpx
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable

@@ -2,69 +2,12 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from scripts.services import ROOT, free_port
-
-BIN = Path(sys.executable).parent
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    """Poll `predicate` until it returns a truthy value; fail the test after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-@dataclass
-class Proc:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    port: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    def start(self) -> "Proc":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        # A process group of its own, so a SIGKILL reaches the pool children too.
-        self.popen = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.alive():
-            os.killpg(self.popen.pid, sig)
-            self.popen.wait(timeout=30)
-
-    def stop(self, timeout_s: float = 15) -> None:
-        if not self.alive():
-            return
-        os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+from scripts.procs import BIN, Proc, wait_until  # noqa: F401  (re-exported for the tests)
+from scripts.services import free_port
 
 
 def service_env(database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
@@ -93,9 +36,7 @@ def _healthy(port: int) -> bool:
 
 
 def _died(proc: Proc) -> bool:
-    if not proc.alive():
-        raise AssertionError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-    return False
+    return proc.check_alive()
 
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker", concurrency: int = 2,
