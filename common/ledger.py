@@ -340,8 +340,14 @@ class Outcome:
 _LOCK_PENDING = (
     "SELECT p.id, p.buyer_account_id AS buyer, p.seller_account_id AS seller, p.amount"
     " FROM payments p WHERE {where} AND p.status = 'pending'"
-    " ORDER BY p.id FOR UPDATE OF p"
+    " ORDER BY p.id FOR UPDATE OF p{skip}"
 )
+
+
+_LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
+    "p.id = ANY(:ids) AND (p.batch_id IS NULL"
+    " OR NOT (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id))")))
+_LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id"))
 
 
 def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome]:
@@ -350,17 +356,17 @@ def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome
     Payments already terminal are skipped, so a redelivered or re-swept message is harmless.
     Payments of atomic batches are left to `apply_atomic_batch`.
     """
-    payments = session.execute(text(_LOCK_PENDING.format(where=(
-        "p.id = ANY(:ids) AND (p.batch_id IS NULL"
-        " OR NOT (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id))"
-    ))), {"ids": list(payment_ids)}).all()
+    # SKIP LOCKED: a payment locked right now is being applied by another transaction (a
+    # redelivered or re-swept copy of its message); waiting for it would only find it terminal.
+    # Should that transaction roll back instead, the payment is still pending and is swept again.
+    payments = session.execute(_LOCK_SINGLES, {"ids": list(payment_ids)}).all()
     return _apply(session, payments, atomic=False)
 
 
 def apply_atomic_batch(session: Session, batch_id: int) -> list[Outcome]:
     """All payments of an atomic batch complete together, or all fail together."""
-    payments = session.execute(text(_LOCK_PENDING.format(where="p.batch_id = :batch_id")),
-                               {"batch_id": batch_id}).all()
+    # No SKIP LOCKED here: an atomic batch must see all of its payments, so it waits.
+    payments = session.execute(_LOCK_BATCH, {"batch_id": batch_id}).all()
     return _apply(session, payments, atomic=True)
 
 
