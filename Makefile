@@ -33,7 +33,9 @@ bench: install
 migrate: install
 	$(BIN)/alembic upgrade head
 
+## Check the ledger's invariants on the database of `make run` (var/env) or DATABASE_URL.
 reconcile: install
+	set -a; [ -z "$$DATABASE_URL" ] && [ -f var/env ] && . var/env; set +a; \
 	$(BIN)/flask --app api wallet reconcile
 
 clean:

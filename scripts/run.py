@@ -57,6 +57,9 @@ def main() -> int:
         "flower": [BIN / "celery", "-A", "worker", "flower", f"--port={FLOWER_PORT}",
                    f"--basic-auth={flower_auth}"],
     }
+    # For operator commands in another shell: `set -a; . var/env; set +a`, then
+    # `.venv/bin/flask --app api wallet reconcile` (or `make reconcile`).
+    (VAR / "env").write_text(f"DATABASE_URL={database_url}\nREDIS_URL={services.redis_url}\n")
     logs = VAR / "logs"
     logs.mkdir(exist_ok=True)
     procs = {name: subprocess.Popen([str(c) for c in cmd], env=env, cwd=ROOT,
@@ -71,6 +74,7 @@ Wallet service is starting.
   Database   {database_url}
   Broker     {services.redis_url}
   Logs       {logs}/{{api,worker,beat,flower}}.log
+  Operators  make reconcile   (reads var/env: DATABASE_URL, REDIS_URL)
 Press Ctrl-C to stop.
 """, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
