@@ -24,7 +24,6 @@ STATUS = {
     errors.UnknownAccount: 422,
     errors.SameAccount: 422,
     errors.CurrencyMismatch: 422,
-    errors.ServiceUnavailable: 503,
 }
 
 HTTP_CODES = {400: "malformed_request", 401: "unauthorized", 404: "not_found",

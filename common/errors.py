@@ -64,7 +64,3 @@ class CurrencyMismatch(WalletError):
 
 class IdempotencyConflict(WalletError):
     code = "idempotency_conflict"
-
-
-class ServiceUnavailable(WalletError):
-    code = "service_unavailable"

@@ -108,10 +108,3 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("revoked_at", DateTime(timezone=True)),
 )
-
-SEED_CURRENCIES = [
-    {"id": 1, "code": "USD", "name": "US Dollar", "scale": 2},
-    {"id": 2, "code": "EUR", "name": "Euro", "scale": 2},
-    {"id": 3, "code": "BTC", "name": "Bitcoin", "scale": 8},
-    {"id": 4, "code": "ETH", "name": "Ether", "scale": 18},
-]

@@ -45,7 +45,6 @@ class Settings:
     web_workers: int = 2
     web_threads: int = 8
     web_timeout_seconds: int = 30
-    flower_basic_auth: str = ""
     log_level: str = "INFO"
     access_log: bool = True  # one JSON line per HTTP request
     # prometheus_client multiprocess mode: every API and worker process writes its metrics here
@@ -80,7 +79,6 @@ class Settings:
             web_workers=num("WEB_CONCURRENCY", d.web_workers),
             web_threads=num("WALLET_WEB_THREADS", d.web_threads),
             web_timeout_seconds=num("WALLET_WEB_TIMEOUT_SECONDS", d.web_timeout_seconds),
-            flower_basic_auth=env.get("FLOWER_BASIC_AUTH", ""),
             log_level=env.get("WALLET_LOG_LEVEL", d.log_level),
             access_log=env.get("WALLET_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no", "off"),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", ""),
