@@ -30,11 +30,28 @@ def json_body() -> object:
     if request.content_length is None and limit is not None and len(raw) >= limit:
         # A chunked body is cut at the limit by Werkzeug, silently: what was read may even parse.
         # Reaching the limit means the body may be longer than allowed: refuse it.
+        _drain(limit)
         raise RequestTooLarge(f"request body is larger than {limit} bytes")
     try:
         return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise MalformedRequest("request body is not valid JSON", {"reason": str(exc)[:200]}) from None
+
+
+def _drain(most_bytes: int) -> None:
+    """Read (and drop) what is left of an over-long chunked body, up to a bound, so the 413 reaches
+    the client: closing a socket with unread input makes the kernel reset the connection, and the
+    client may lose the answer. A body longer than the bound still gets the reset."""
+    stream = request.environ.get("wsgi.input")
+    left = most_bytes
+    try:
+        while left > 0:
+            chunk = stream.read(min(65536, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+    except Exception:  # the client went away: nothing left to answer
+        return
 
 
 def parse_body(model: type[M]) -> M:

@@ -263,13 +263,7 @@ def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[Pay
     Raises when any request is invalid (the caller's transaction then writes nothing): the
     request's own error for a single payment, ValidationFailed listing every bad item for several.
     """
-    amounts, problems = [], []
-    for index, req in enumerate(reqs):
-        try:
-            amounts.append(check_payment(currencies, req))
-        except WalletError as exc:
-            amounts.append(None)
-            problems.append((index, exc))
+    amounts, problems = check_payments(currencies, reqs)
     if not problems:
         rows = session.execute(_INSERT_PAYMENTS, {
             "batch_id": batch_id,
@@ -283,14 +277,39 @@ def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[Pay
             # promised, so sort by id.
             return sorted(rows, key=lambda row: row["id"])
     # Raising rolls back the caller's transaction, with any rows the INSERT did write.
-    problems = sorted(problems + _diagnose(session, currencies, reqs, amounts), key=lambda p: p[0])
+    problems = payment_problems(session, currencies, reqs)
     if not problems:
         raise AssertionError("payments were refused for no known reason")
     if len(reqs) == 1:
         raise problems[0][1]
-    raise ValidationFailed(f"{len(problems)} of {len(reqs)} payments are invalid; none was recorded", [
+    raise batch_refused(problems, len(reqs))
+
+
+def batch_refused(problems: Sequence[tuple[int, WalletError]], total: int) -> ValidationFailed:
+    """The 422 of a batch: every bad item's index with its error."""
+    return ValidationFailed(f"{len(problems)} of {total} payments are invalid; none was recorded", [
         {"index": index, "code": exc.code, "message": exc.message, "details": exc.details}
         for index, exc in problems])
+
+
+def check_payments(currencies: Currencies, reqs: Sequence[PaymentRequest]
+                   ) -> tuple[list[Decimal | None], list[tuple[int, WalletError]]]:
+    """`check_payment` for each request: (amounts, None where refused; (index, error) refusals)."""
+    amounts, problems = [], []
+    for index, req in enumerate(reqs):
+        try:
+            amounts.append(check_payment(currencies, req))
+        except WalletError as exc:
+            amounts.append(None)
+            problems.append((index, exc))
+    return amounts, problems
+
+
+def payment_problems(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest]
+                     ) -> list[tuple[int, WalletError]]:
+    """Every refused request with its reason, in index order (the error path of a batch)."""
+    amounts, problems = check_payments(currencies, reqs)
+    return sorted(problems + _diagnose(session, currencies, reqs, amounts), key=lambda p: p[0])
 
 
 def _diagnose(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],

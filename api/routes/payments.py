@@ -82,29 +82,22 @@ def create_batch():
 
 
 def _batch_requests(items: list[dict]) -> list[ledger.PaymentRequest]:
-    """Validate every item; report all bad ones at once, with their index."""
-    reqs, problems = [], []
-    checked: list[tuple[int, ledger.PaymentRequest, object]] = []
-    w = wallet()
+    """Validate every item; if any is bad, answer 422 listing each bad one with its index."""
+    parsed, problems = [], []
     for index, item in enumerate(items):
         try:
-            req = _request(validate(PaymentCreate, item))
-            checked.append((index, req, ledger.check_payment(w.currencies, req)))
-            reqs.append(req)
+            parsed.append((index, _request(validate(PaymentCreate, item))))
         except WalletError as exc:
             problems.append((index, exc))
-    if problems:
-        # Also report the items that are well-formed but refer to unknown accounts, mismatched
-        # currencies or exceed the scale, so the client sees every bad index at once.
-        if checked:
-            with w.db.transaction() as session:
-                found = ledger._diagnose(session, w.currencies, [r for _, r, _ in checked],
-                                         [a for _, _, a in checked])
-            problems += [(checked[i][0], exc) for i, exc in found]
-        problems = [{"index": index, "code": exc.code, "message": exc.message, "details": exc.details}
-                    for index, exc in sorted(problems, key=lambda p: p[0])]
-        raise ValidationFailed(f"{len(problems)} of {len(items)} payments are invalid; none was recorded",
-                               problems)
+    reqs = [req for _, req in parsed]
+    w = wallet()
+    if problems or ledger.check_payments(w.currencies, reqs)[1]:
+        # The well-formed items are checked against the accounts too, so that the client sees
+        # every bad index at once.
+        with w.db.transaction() as session:
+            found = ledger.payment_problems(session, w.currencies, reqs)
+        problems = sorted(problems + [(parsed[i][0], exc) for i, exc in found], key=lambda p: p[0])
+        raise ledger.batch_refused(problems, len(items))
     return reqs
 
 
