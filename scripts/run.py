@@ -33,8 +33,33 @@ def dev_secret(name: str, make) -> str:
 
 
 def main() -> int:
+    # SIGTERM stops everything like Ctrl-C does, from the first moment: no orphans.
+    signal.signal(signal.SIGTERM, _interrupt)
     VAR.mkdir(exist_ok=True)
     services = ensure_services(VAR, redis_port=int(os.environ.get("WALLET_REDIS_PORT", "6390")))
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        return _run(services, procs)
+    except KeyboardInterrupt:
+        print("stopping...", flush=True)
+        return 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        services.stop()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(services, procs: dict[str, subprocess.Popen]) -> int:
     database_url = os.environ.get("DATABASE_URL") or create_database(services.database_url, "wallet")
     migrate(database_url)
 
@@ -62,11 +87,13 @@ def main() -> int:
     (VAR / "env").write_text(f"DATABASE_URL={database_url}\nREDIS_URL={services.redis_url}\n")
     logs = VAR / "logs"
     logs.mkdir(exist_ok=True)
-    procs = {name: subprocess.Popen([str(c) for c in cmd], env=env, cwd=ROOT,
-                                    stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
-             for name, cmd in commands.items()}
+    for name, cmd in commands.items():
+        procs[name] = subprocess.Popen([str(c) for c in cmd], env=env, cwd=ROOT,
+                                       stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+    if not _wait_ready(procs, logs):
+        return 1
     print(f"""
-Wallet service is starting.
+Wallet service is running.
   API        http://localhost:{API_PORT}   (try: curl http://localhost:{API_PORT}/health)
   API key    {api_key}
              export WALLET_KEY={api_key}
@@ -77,27 +104,38 @@ Wallet service is starting.
   Operators  make reconcile   (reads var/env: DATABASE_URL, REDIS_URL)
 Press Ctrl-C to stop.
 """, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    try:
-        while True:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; see {logs / (name + '.log')}", flush=True)
-                    return 1
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping...", flush=True)
-        return 0
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        services.stop()
+    while True:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                print(f"{name} exited with {proc.returncode}; see {logs / (name + '.log')}", flush=True)
+                return 1
+        time.sleep(0.5)
+
+
+def _wait_ready(procs: dict, logs: Path, timeout_s: float = 90) -> bool:
+    """Print the banner only once the API answers and the worker consumes, so that the README's
+    walk-through works the moment it appears."""
+    import urllib.request
+
+    def api_up() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{API_PORT}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def worker_up() -> bool:
+        log = logs / "worker.log"
+        return log.exists() and " ready." in log.read_text(errors="replace")
+
+    deadline = time.monotonic() + timeout_s
+    while not (api_up() and worker_up()):
+        dead = [name for name, proc in procs.items() if proc.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            print(f"could not start ({', '.join(dead) or 'timeout'}); see {logs}", flush=True)
+            return False
+        time.sleep(0.2)
+    return True
 
 
 if __name__ == "__main__":

