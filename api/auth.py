@@ -25,7 +25,7 @@ class KeyRing:
 
     def __init__(self):
         self._db_hashes: frozenset[str] = frozenset()
-        self._loaded_at = float("-inf")
+        self._loaded_at: float | None = None  # never
 
     def accepts(self, key_hash: str) -> bool:
         # Configured keys first: they keep working (and /ready answers) while the database is down.
@@ -38,7 +38,7 @@ class KeyRing:
         return _matches(self._database_hashes(DB_KEYS_MISS_REFRESH_SECONDS), key_hash)
 
     def _database_hashes(self, max_age_s: float) -> frozenset[str]:
-        if time.monotonic() - self._loaded_at > max_age_s:
+        if self._loaded_at is None or time.monotonic() - self._loaded_at > max_age_s:
             with wallet().db.transaction() as session:
                 self._db_hashes = frozenset(session.execute(text(
                     "SELECT key_hash FROM api_keys WHERE revoked_at IS NULL")).scalars())

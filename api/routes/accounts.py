@@ -20,8 +20,8 @@ def create_account():
     w = wallet()
     currency = w.currencies.resolve(body.currency_id, body.currency)
     opening = ledger.parse_amount(body.amount, currency, allow_zero=True)
-    key = idempotency_key("account", {"name": body.name, "currency_id": currency.id,
-                                      "amount": money.format_amount(opening)})
+    key = idempotency_key("account", lambda: {
+        "name": body.name, "currency_id": currency.id, "amount": money.format_amount(opening)})
     with w.db.transaction() as session:
         row, _ = ledger.open_account(session, currency, body.name, opening, key)
     return render.account(row, w.currencies), 201, {"Location": f"/accounts/{row['id']}"}

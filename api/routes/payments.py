@@ -28,7 +28,7 @@ def _request(body: PaymentCreate) -> ledger.PaymentRequest:
 def create_payment():
     req = _request(parse_body(PaymentCreate))
     w = wallet()
-    key = idempotency_key("payment", req.canonical(ledger.check_payment(w.currencies, req)))
+    key = idempotency_key("payment", lambda: req.canonical(ledger.check_payment(w.currencies, req)))
     with w.db.transaction() as session:
         row, created = ledger.submit_payment(session, w.currencies, req, key)
     if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
@@ -68,9 +68,9 @@ def create_batch():
     if len(body.payments) > w.settings.max_batch_items:
         raise ValidationFailed(f"a batch holds at most {w.settings.max_batch_items} payments")
     reqs = _batch_requests(body.payments)
-    canonical = {"atomic": body.atomic,
-                 "payments": [r.canonical(ledger.check_payment(w.currencies, r)) for r in reqs]}
-    key = idempotency_key("batch", canonical)
+    key = idempotency_key("batch", lambda: {
+        "atomic": body.atomic,
+        "payments": [r.canonical(ledger.check_payment(w.currencies, r)) for r in reqs]})
     with w.db.transaction() as session:
         batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
     if created:
