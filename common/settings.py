@@ -37,7 +37,7 @@ class Settings:
     apply_max_payments: int = 500
     max_body_bytes: int = 1024 * 1024
     max_batch_items: int = 1000
-    db_pool_size: int = 5
+    db_pool_size: int = 10
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
     worker_concurrency: int = 2
