@@ -16,7 +16,7 @@ class Wallet:
         self.db = Database(settings)
         self.celery = make_celery(settings)
         self.sender = Sender(self.celery, settings)
-        self.dispatcher = Dispatcher(self.sender, settings.queues, settings.dispatch_window_ms)
+        self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms)
         self._currencies: Currencies | None = None
 
     @property

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
+import psycopg2
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -34,6 +36,37 @@ def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError) and not is_retryable(exc):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class Prepared:
+    """A statement PostgreSQL parses and plans once per connection (PREPARE), then runs by name
+    (EXECUTE). Written with SQLAlchemy-style `:name` parameters, each inside a
+    `CAST(:name AS type)`: the cast gives the parameter its type, so no value is ever guessed at.
+    """
+
+    _PARAM = re.compile(r"CAST\(:(\w+) AS ([\w\[\] ]+)\)")
+
+    def __init__(self, name: str, sql: str):
+        self.name = name
+        self.params: list[str] = []
+        self.types: list[str] = []
+
+        def number(match: re.Match) -> str:
+            param, type_ = match.group(1), match.group(2)
+            if param not in self.params:
+                self.params.append(param)
+                self.types.append(type_)
+            return f"${self.params.index(param) + 1}"
+
+        body = self._PARAM.sub(number, sql)
+        if re.search(r"(?<![:\w]):\w", body):
+            raise ValueError(f"{name}: every parameter must be inside CAST(:name AS type)")
+        self.prepare_sql = f"PREPARE {name} ({', '.join(self.types)}) AS {body}"
+        # psycopg2 fills the %s client-side; the casts keep a NULL or an array of NULLs typed.
+        self.execute_sql = f"EXECUTE {name} ({', '.join(f'CAST(%s AS {t})' for t in self.types)})"
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        return [params[p] for p in self.params]
 
 
 class Database:
@@ -74,6 +107,34 @@ class Database:
                     raise
                 time.sleep(random.uniform(0, 0.01 * 2 ** attempt))
         raise AssertionError("unreachable")
+
+    def execute_alone(self, statement: Prepared, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """A unit of work that is one statement: run in autocommit, so PostgreSQL makes it its own
+        transaction (all of it or nothing) and BEGIN and COMMIT are not two more round trips.
+        Returns the rows. Errors are raised as SQLAlchemy's, like everywhere else."""
+        conn = self.engine.raw_connection()
+        dbapi = conn.dbapi_connection
+        cursor = None
+        try:
+            dbapi.autocommit = True
+            cursor = dbapi.cursor()
+            prepared = conn.info.setdefault("wallet_prepared", set())  # cleared on reconnect
+            if statement.name not in prepared:
+                cursor.execute(statement.prepare_sql)
+                prepared.add(statement.name)
+            cursor.execute(statement.execute_sql, statement.args(params))
+            names = [column.name for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+        except psycopg2.Error as exc:
+            disconnected = self.engine.dialect.is_disconnect(exc, dbapi, cursor)
+            if disconnected:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(statement.execute_sql, params, exc, psycopg2.Error,
+                                      connection_invalidated=disconnected) from exc
+        finally:
+            if not dbapi.closed:
+                dbapi.autocommit = False
+            conn.close()  # back to the pool
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from common import money
+from common.db import Database, Prepared
 from common.errors import (
     CurrencyMismatch, FailureCode, IdempotencyConflict, InvalidAmount, NotFound, SameAccount,
     UnknownAccount, UnknownCurrency, ValidationFailed, WalletError,
@@ -208,6 +209,25 @@ def submit_payment(session: Session, currencies: Currencies, req: PaymentRequest
         load=lambda payment_id: _payment_rows(session, [payment_id])[0])
 
 
+def accept_payment(db: Database, currencies: Currencies, req: PaymentRequest,
+                   key: IdempotencyKey | None = None) -> tuple[Mapping[str, Any], bool]:
+    """`submit_payment` in a transaction of its own, the API's unit of work for POST /payments.
+
+    Without an idempotency key the unit of work is the one INSERT, so it runs alone (autocommit,
+    prepared): one round trip instead of three (BEGIN, INSERT, COMMIT) and no planning, on the
+    path every single payment takes. Same statement, same checks, same outcome.
+    """
+    if key is not None:
+        with db.transaction() as session:
+            return submit_payment(session, currencies, req, key)
+    amounts, problems = check_payments(currencies, [req])
+    if problems:
+        raise problems[0][1]
+    rows = db.execute_alone(_INSERT_PAYMENTS_ALONE, _insert_params([req], amounts, None))
+    if rows:
+        return rows[0], True
+    with db.transaction() as session:  # refused: read the accounts to say why
+        raise _refused(session, currencies, [req])
 def submit_batch(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
                  atomic: bool, key: IdempotencyKey | None = None
                  ) -> tuple[int, list[Mapping[str, Any]], bool]:
@@ -236,7 +256,7 @@ def _payment_rows(session: Session, ids: list[int]) -> list[Mapping[str, Any]]:
 # The accounts are read by primary key into a small materialized set first: joined directly, the
 # planner may reach the seller through the currency index (s.currency_id = b.currency_id makes it
 # an equivalence) and scan every account of the currency for each payment.
-_INSERT_PAYMENTS = text(
+_INSERT_PAYMENTS_SQL = (
     "WITH r AS (SELECT * FROM unnest(CAST(:buyers AS bigint[]), CAST(:sellers AS bigint[]),"
     "                                CAST(:amounts AS numeric[]), CAST(:currencies AS smallint[]))"
     "           WITH ORDINALITY AS r(buyer, seller, amount, currency_id, n)),"
@@ -245,7 +265,7 @@ _INSERT_PAYMENTS = text(
     "   WHERE a.id = ANY(CAST(:buyers AS bigint[]) || CAST(:sellers AS bigint[]))"
     "     AND a.kind = 'customer')"
     " INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, batch_id)"
-    " SELECT r.buyer, r.seller, b.currency_id, r.amount, :batch_id"
+    " SELECT r.buyer, r.seller, b.currency_id, r.amount, CAST(:batch_id AS bigint)"
     " FROM r JOIN known b ON b.id = r.buyer JOIN known s ON s.id = r.seller"
     " WHERE s.currency_id = b.currency_id"
     "   AND (r.currency_id IS NULL OR r.currency_id = b.currency_id)"
@@ -253,6 +273,19 @@ _INSERT_PAYMENTS = text(
     " ORDER BY r.n"
     f" RETURNING {PAYMENT_COLUMNS}"
 )
+_INSERT_PAYMENTS = text(_INSERT_PAYMENTS_SQL)
+_INSERT_PAYMENTS_ALONE = Prepared("wallet_insert_payments", _INSERT_PAYMENTS_SQL)
+
+
+def _insert_params(reqs: Sequence[PaymentRequest], amounts: Sequence[Decimal],
+                   batch_id: int | None) -> dict[str, Any]:
+    return {
+        "batch_id": batch_id,
+        "buyers": [r.buyer_account_id for r in reqs],
+        "sellers": [r.seller_account_id for r in reqs],
+        "amounts": amounts,
+        "currencies": [r.currency_id for r in reqs],
+    }
 
 
 def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
@@ -265,24 +298,25 @@ def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[Pay
     """
     amounts, problems = check_payments(currencies, reqs)
     if not problems:
-        rows = session.execute(_INSERT_PAYMENTS, {
-            "batch_id": batch_id,
-            "buyers": [r.buyer_account_id for r in reqs],
-            "sellers": [r.seller_account_id for r in reqs],
-            "amounts": amounts,
-            "currencies": [r.currency_id for r in reqs],
-        }).mappings().all()
+        rows = session.execute(_INSERT_PAYMENTS, _insert_params(reqs, amounts, batch_id)
+                               ).mappings().all()
         if len(rows) == len(reqs):
             # INSERT ... SELECT ... ORDER BY takes ids in request order; RETURNING's order is not
             # promised, so sort by id.
             return sorted(rows, key=lambda row: row["id"])
     # Raising rolls back the caller's transaction, with any rows the INSERT did write.
+    raise _refused(session, currencies, reqs)
+
+
+def _refused(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest]) -> WalletError:
+    """The error for requests the INSERT refused: the request's own for a single payment,
+    ValidationFailed listing every bad item for several."""
     problems = payment_problems(session, currencies, reqs)
     if not problems:
         raise AssertionError("payments were refused for no known reason")
     if len(reqs) == 1:
-        raise problems[0][1]
-    raise batch_refused(problems, len(reqs))
+        return problems[0][1]
+    return batch_refused(problems, len(reqs))
 
 
 def batch_refused(problems: Sequence[tuple[int, WalletError]], total: int) -> ValidationFailed:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections import defaultdict
@@ -119,28 +118,32 @@ class Sender:
 class Dispatcher:
     """Gathers committed payments of many requests into few messages, from a background thread.
 
-    Each queue has its own buffer, sent when it holds `max_ids` payments or its oldest payment has
-    waited `window_ms`: under load one message carries many payments (a Celery message costs
-    about a millisecond of CPU to send and another to consume, more than applying a payment), and
-    when idle a payment waits at most the window. What is lost here (a crash, a broker outage) is
-    still `pending` in PostgreSQL, and the sweeper sends it again.
+    The first payment after a quiet spell wakes the thread, which lets `window_ms` pass, then
+    takes everything gathered and sends one message per queue touched (split at `max_ids`). Under
+    load one message carries many payments (a Celery message costs about a millisecond of CPU to
+    send and another to consume, more than applying a payment); when idle a payment waits at most
+    the window. Submitting only appends to a list: waking the thread for every payment would hand
+    the GIL back and forth for each request. What is lost here (a crash, a broker outage) is still
+    `pending` in PostgreSQL, and the sweeper sends it again.
     """
 
-    def __init__(self, sender: Sender, queues: int, window_ms: float, max_ids: int = 500):
+    def __init__(self, sender: Sender, window_ms: float, max_ids: int = 500):
         self._sender = sender
-        self._queues = queues
         self._window_s = window_ms / 1000
         self._max_ids = max_ids
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._pid: int | None = None
         self._lock = threading.Lock()
+        self._pending: list[tuple[tuple[int, int, int], str | None]] = []
+        self._wake = threading.Event()
+        self._pid: int | None = None
 
     def submit(self, payments: Sequence[tuple[int, int, int]]) -> None:
         """payments: (id, buyer, seller), committed."""
         self._ensure_thread()
         request_id = current_request_id()  # the submitting request's, read in its thread
-        for payment in payments:
-            self._inbox.put((payment, request_id))
+        with self._lock:
+            if not self._pending:
+                self._wake.set()
+            self._pending.extend((payment, request_id) for payment in payments)
 
     def _ensure_thread(self) -> None:
         # gunicorn may fork after the app was built: each process needs its own thread.
@@ -148,28 +151,20 @@ class Dispatcher:
             return
         with self._lock:
             if self._pid != os.getpid():
-                self._inbox = queue.SimpleQueue()
-                threading.Thread(target=self._run, args=(self._inbox,), name="wallet-dispatcher",
+                self._pending, self._wake = [], threading.Event()
+                threading.Thread(target=self._run, args=(self._wake,), name="wallet-dispatcher",
                                  daemon=True).start()
                 self._pid = os.getpid()
 
-    def _run(self, inbox: queue.SimpleQueue) -> None:
-        buffers: dict[int, list] = defaultdict(list)  # queue -> [((id, buyer, seller), request id)]
-        deadlines: dict[int, float] = {}
+    def _run(self, wake: threading.Event) -> None:
         while True:
-            timeout = max(0.0, min(deadlines.values()) - time.monotonic()) if deadlines else None
-            try:
-                payment, request_id = inbox.get(timeout=timeout)
-                index = routing.queue_index(payment[1], payment[2], self._queues)
-                buffers[index].append((payment, request_id))
-                deadlines.setdefault(index, time.monotonic() + self._window_s)
-            except queue.Empty:
-                pass
-            now = time.monotonic()
-            for index in [i for i, due in deadlines.items()
-                          if due <= now or len(buffers[i]) >= self._max_ids]:
-                del deadlines[index]
-                self._send(buffers.pop(index))
+            wake.wait()
+            time.sleep(self._window_s)  # the window: let the payments of other requests join
+            with self._lock:
+                items, self._pending = self._pending, []
+                wake.clear()
+            for start in range(0, len(items), self._max_ids):
+                self._send(items[start:start + self._max_ids])
 
     def _send(self, items: list[tuple[tuple[int, int, int], str | None]]) -> None:
         request_ids = {payment[0]: rid for payment, rid in items if rid is not None}

@@ -33,7 +33,7 @@ class Settings:
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     sweep_after_seconds: float = 10.0
     sweep_interval_seconds: float = 2.0
-    dispatch_window_ms: float = 50.0
+    dispatch_window_ms: float = 150.0
     apply_max_payments: int = 500
     max_body_bytes: int = 1024 * 1024
     max_batch_items: int = 1000

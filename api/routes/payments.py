@@ -29,8 +29,7 @@ def create_payment():
     req = _request(parse_body(PaymentCreate))
     w = wallet()
     key = idempotency_key("payment", lambda: req.canonical(ledger.check_payment(w.currencies, req)))
-    with w.db.transaction() as session:
-        row, created = ledger.submit_payment(session, w.currencies, req, key)
+    row, created = ledger.accept_payment(w.db, w.currencies, req, key)
     if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
         metrics.PAYMENTS_ACCEPTED.labels("single").inc()
         w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])

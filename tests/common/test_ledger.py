@@ -190,3 +190,34 @@ def test_micro_batch_gives_the_same_result_as_one_by_one(session, currencies):
     assert together == alone
     assert FailureCode.INSUFFICIENT_FUNDS in together[0] and None in together[0]
     assert ledger.reconcile(session) == []
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda a, b, x: ledger.PaymentRequest(a, a, "1"), SameAccount),
+    (lambda a, b, x: ledger.PaymentRequest(a, 10**15, "1"), UnknownAccount),
+    (lambda a, b, x: ledger.PaymentRequest(a, x, "1"), CurrencyMismatch),
+    (lambda a, b, x: ledger.PaymentRequest(a, b, "1", currency_id=2), CurrencyMismatch),
+    (lambda a, b, x: ledger.PaymentRequest(a, b, "1.001"), InvalidAmount),
+])
+def test_accept_alone_refuses_like_submit_and_writes_nothing(db, make, error):
+    """accept_payment without a key runs the INSERT alone (autocommit, prepared): same checks."""
+    with db.transaction() as s:
+        currencies = ledger.Currencies.load(s)
+        a, b = open_(s, currencies, "10"), open_(s, currencies, "0")
+        eur = open_(s, currencies, "0", currency_id=2)
+        before = s.execute(text("SELECT count(*) FROM payments")).scalar_one()
+    with pytest.raises(error):
+        ledger.accept_payment(db, currencies, make(a, b, eur))
+    with db.transaction() as s:
+        assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == before
+
+
+def test_accept_alone_records_a_pending_payment(db):
+    with db.transaction() as s:
+        currencies = ledger.Currencies.load(s)
+        a, b = open_(s, currencies, "10"), open_(s, currencies, "0")
+    row, created = ledger.accept_payment(db, currencies, ledger.PaymentRequest(a, b, "2.50"))
+    assert created and row["status"] == "pending" and row["amount"] == Decimal("2.50")
+    assert (row["buyer_account_id"], row["seller_account_id"], row["currency_id"]) == (a, b, 1)
+    with db.transaction() as s:
+        assert s.execute(text("SELECT status FROM payments WHERE id = :id"), {"id": row["id"]}).scalar_one() == "pending"
