@@ -18,6 +18,7 @@ STATUS = {
     errors.NotFound: 404,
     errors.IdempotencyConflict: 409,
     errors.RequestTooLarge: 413,
+    errors.Overloaded: 429,
     errors.ValidationFailed: 422,
     errors.InvalidAmount: 422,
     errors.UnknownCurrency: 422,
@@ -35,6 +36,8 @@ def error_response(status: int, code: str, message: str, details=None):
     response.status_code = status
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="wallet"'
+    if status == 429:
+        response.headers["Retry-After"] = "1"
     return response
 
 

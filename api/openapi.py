@@ -36,6 +36,8 @@ ERRORS = {
     413: "Request body larger than the limit",
     422: "Body is well-formed but invalid (validation_error, invalid_amount, unknown_account, "
          "unknown_currency, same_account, currency_mismatch); `details` says which fields",
+    429: "Too many payments are waiting to be applied (backlog_full; `details` has `pending` and "
+         "`max_pending`); retry after the `Retry-After` seconds, with the same Idempotency-Key",
     503: "The database (or, for /ready, a dependency) is unreachable; retry later",
 }
 
@@ -75,6 +77,7 @@ PAGE = (
           "Opaque cursor: the `next_cursor` of the previous page (null on the last page)"),
 )
 WRITE_ERRORS = (400, 401, 409, 413, 422, 503)
+PAYMENT_WRITE_ERRORS = (400, 401, 409, 413, 422, 429, 503)
 LOCATION = {"Location": "Where to read the created resource"}
 
 
@@ -116,7 +119,7 @@ ROUTES: tuple[Route, ...] = (
           params=(_id("account_id", "account"), *PAGE), errors=(400, 401, 404, 503)),
 
     Route("post", "/payments", "createPayment", "Accept a payment; it is applied asynchronously",
-          "payments", {202: schemas.Payment}, body=schemas.PaymentCreate, errors=WRITE_ERRORS,
+          "payments", {202: schemas.Payment}, body=schemas.PaymentCreate, errors=PAYMENT_WRITE_ERRORS,
           idempotent=True, headers={202: LOCATION},
           description="Answers 202 with status `pending`; poll GET /payments/{id} until it is "
                       "`completed` or `failed`."),
@@ -129,7 +132,8 @@ ROUTES: tuple[Route, ...] = (
               Param("account_id", ID, "Payments where this account is buyer or seller"),
               Param("batch_id", ID, "Payments of this batch"))),
     Route("post", "/payments/batch", "createBatch", "Accept many payments in one request",
-          "payments", {202: schemas.BatchAccepted}, body=schemas.BatchCreate, errors=WRITE_ERRORS,
+          "payments", {202: schemas.BatchAccepted}, body=schemas.BatchCreate,
+          errors=PAYMENT_WRITE_ERRORS,
           idempotent=True, headers={202: LOCATION},
           description="Every item is validated first; if any is invalid none is recorded (422 "
                       "with the index of each bad item). `atomic: true`: all complete or all fail "
@@ -156,6 +160,10 @@ worker applies it moments later; poll `GET /payments/{id}` until `completed` or 
   generated; it is returned in the `X-Request-ID` response header and appears in the API's and the
   worker's log lines.
 * **Limits**: request bodies up to 1 MiB by default (413 above); batches up to 1000 payments.
+* **Back-pressure**: while more than `WALLET_MAX_PENDING` (1000 by default) accepted payments
+  wait to be applied, the payment POSTs answer 429 `backlog_full` with `Retry-After`; nothing is
+  recorded. This bounds how long an accepted payment waits. A retry with the same Idempotency-Key
+  is safe.
 """
 
 

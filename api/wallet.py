@@ -1,9 +1,11 @@
-"""What one API process holds: settings, the database pool, the currencies and the dispatcher."""
+"""What one API process holds: settings, the database pool, the currencies, admission control
+and the dispatcher."""
 from __future__ import annotations
 
 
 from flask import current_app
 
+from common.admission import Admission
 from common.db import Database
 from common.ledger import Currencies
 from common.messaging import Dispatcher, Sender, make_celery
@@ -16,6 +18,7 @@ class Wallet:
         self.db = Database(settings)
         self.celery = make_celery(settings)
         self.sender = Sender(self.celery, settings)
+        self.admission = Admission(self.db, settings.max_pending)
         self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms)
         self._currencies: Currencies | None = None
 

@@ -82,12 +82,17 @@ async def _drive(urls: list[str], bodies: list[bytes], payments_per_request: int
                 status = 0
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             records.append((start - t0, perf() - start, status, payments_per_request))
+            if status == 429:  # admission control: back off, as wrk_payments.lua does
+                await asyncio.sleep(BACKOFF_S)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      skip_auto_headers=("User-Agent",)) as session:
         await asyncio.gather(*(one_client(urls[i % len(urls)]) for i in range(concurrency)))
     result.duration_s = time.perf_counter() - t0
     return result
+
+
+BACKOFF_S = 0.1  # after a 429, before the next request (bench/wrk_payments.lua: BACKOFF_MS)
 
 
 def run_load(urls: list[str], bodies: list[bytes], payments_per_request: int, api_key: str,

@@ -39,7 +39,8 @@ def client_metrics(load: LoadResult, warmup_s: float, duration_s: float) -> dict
                                   "max": ms(latencies[-1] if latencies else None),
                                   "mean": ms(sum(latencies) / len(latencies) if latencies else None)},
         "http_statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "http_failures": sum(v for k, v in statuses.items() if k != 202),
+        "http_failures": sum(v for k, v in statuses.items() if k not in (202, 429)),
+        "throttled": statuses.get(429, 0),  # admission control: "retry later", not a failure
         "client_errors": dict(load.errors),
     }
 

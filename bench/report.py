@@ -74,7 +74,8 @@ def table(result: dict) -> str:
         return "-" if v is None else f"{v:,.{nd}f}"
 
     head = (f"{'scenario':<10} {'accepted/s':>10} {'completed/s':>11} {'ref tps':>8} {'ratio':>6}"
-            f" {'acc p50':>8} {'acc p99':>8} {'cmp p50':>8} {'cmp p99':>8} {'fail':>5} {'client CPU':>10}")
+            f" {'acc p50':>8} {'acc p99':>8} {'cmp p50':>8} {'cmp p99':>8} {'fail':>5} {'429s':>6}"
+            f" {'client CPU':>10}")
     lines = [head, "-" * len(head)]
     for s in result["scenarios"]:
         lines.append(
@@ -82,13 +83,15 @@ def table(result: dict) -> str:
             f" {f(s.get('reference_tps')):>8} {f(s.get('ratio_to_reference'), 2):>6}"
             f" {f(s['acceptance_latency_ms']['p50'], 1):>8} {f(s['acceptance_latency_ms']['p99'], 1):>8}"
             f" {f(s['completion_latency_ms']['p50'], 1):>8} {f(s['completion_latency_ms']['p99'], 1):>8}"
-            f" {s['failures']:>5} {f(s['load_generator']['cpu_cores_used'], 2):>9}c")
+            f" {s['failures']:>5} {s.get('throttled', 0):>6}"
+            f" {f(s['load_generator']['cpu_cores_used'], 2):>9}c")
     noisy = [f"{s['name']} {s['cpu_share_outside_benchmark_pct']}%" for s in result["scenarios"]
              if (s.get("cpu_share_outside_benchmark_pct") or 0) > 10]
     if noisy:
         lines.append("WARNING: other processes took this share of the machine's CPU during the load"
                      f" (noisy numbers): {', '.join(noisy)}")
-    lines.append("latencies in ms; ratio = completed/s / pgbench tps; client CPU in cores"
+    lines.append("latencies in ms; ratio = completed/s / pgbench tps; 429s = requests refused by"
+                 " admission control (retried, not failures); client CPU in cores"
                  " (loadgen CPU seconds / wall seconds)")
     ref = result.get("reference") or {}
     if ref:

@@ -65,8 +65,10 @@ def run(url: str, api_key: str, lo: int, n: int, hot: int, batch: int, seed: int
                                   "p99": ms(numbers["p99_us"]), "max": ms(numbers["max_us"]),
                                   "mean": ms(numbers["mean_us"])},
         "http_statuses": {"2xx/3xx": numbers["requests"] - numbers["status_errors"],
-                          "4xx/5xx": numbers["status_errors"]},
-        "http_failures": numbers["status_errors"],
+                          "429": numbers["throttled"],
+                          "other 4xx/5xx": numbers["status_errors"] - numbers["throttled"]},
+        "http_failures": numbers["status_errors"] - numbers["throttled"],
+        "throttled": numbers["throttled"],
         "client_errors": socket_errors,
     }
     return metrics, start, start + window, cpu + cpu_w, wall + wall_w

@@ -64,3 +64,8 @@ class CurrencyMismatch(WalletError):
 
 class IdempotencyConflict(WalletError):
     code = "idempotency_conflict"
+
+
+class Overloaded(WalletError):
+    """Too many accepted payments are still pending: retry later (HTTP 429)."""
+    code = "backlog_full"

@@ -37,6 +37,9 @@ class Settings:
     apply_max_payments: int = 500
     max_body_bytes: int = 1024 * 1024
     max_batch_items: int = 1000
+    # Admission control: POST /payments and /payments/batch answer 429 while more payments than
+    # this are pending (0: no bound). It bounds completion latency to about this over the apply rate.
+    max_pending: int = 1000
     db_pool_size: int = 10
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
@@ -72,6 +75,7 @@ class Settings:
             apply_max_payments=num("WALLET_APPLY_MAX_PAYMENTS", d.apply_max_payments),
             max_body_bytes=num("WALLET_MAX_BODY_BYTES", d.max_body_bytes),
             max_batch_items=num("WALLET_MAX_BATCH_ITEMS", d.max_batch_items),
+            max_pending=num("WALLET_MAX_PENDING", d.max_pending),
             db_pool_size=num("WALLET_DB_POOL_SIZE", d.db_pool_size),
             db_max_overflow=num("WALLET_DB_MAX_OVERFLOW", d.db_max_overflow),
             db_statement_timeout_ms=num("WALLET_DB_STATEMENT_TIMEOUT_MS", d.db_statement_timeout_ms),
@@ -89,6 +93,8 @@ class Settings:
             raise ValueError("WALLET_QUEUES must be between 1 and 1024")
         if not 1 <= self.max_batch_items <= 10_000:
             raise ValueError("WALLET_MAX_BATCH_ITEMS must be between 1 and 10000")
+        if self.max_pending < 0:
+            raise ValueError("WALLET_MAX_PENDING must be 0 (no bound) or more")
 
 
 @functools.cache

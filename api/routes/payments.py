@@ -29,6 +29,7 @@ def create_payment():
     req = _request(parse_body(PaymentCreate))
     w = wallet()
     key = idempotency_key("payment", lambda: req.canonical(ledger.check_payment(w.currencies, req)))
+    w.admission.admit(1)
     row, created = ledger.accept_payment(w.db, w.currencies, req, key)
     if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
         metrics.PAYMENTS_ACCEPTED.labels("single").inc()
@@ -70,6 +71,7 @@ def create_batch():
     key = idempotency_key("batch", lambda: {
         "atomic": body.atomic,
         "payments": [r.canonical(ledger.check_payment(w.currencies, r)) for r in reqs]})
+    w.admission.admit(len(reqs))
     with w.db.transaction() as session:
         batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
     if created:

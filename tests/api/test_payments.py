@@ -9,7 +9,8 @@ import httpx
 from sqlalchemy import text
 
 from tests.api.conftest import assert_error, row_counts
-from tests.conftest import AUTH
+from api import create_app
+from tests.conftest import AUTH, make_settings
 from tests.support.api import open_account, pay, wait_terminal
 from tests.support.processes import wait_until
 
@@ -232,3 +233,23 @@ def test_concurrent_first_requests_with_one_key(api_url, db):
     with db.transaction() as s:
         assert s.execute(text("SELECT count(*) FROM payments WHERE buyer_account_id = :a"),
                          {"a": a["id"]}).scalar_one() == 1
+
+
+def test_backlog_full_answers_429_and_records_nothing(fresh_database_url, broker_url):
+    app = create_app(make_settings(fresh_database_url, broker_url, max_pending=1))
+    client = app.test_client()
+    a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
+    b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()
+    one = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
+    wallet = app.extensions["wallet"]
+    wallet.admission._refresh_s = 0  # read the backlog on every request
+    # No worker runs on this database: the first payment stays pending and fills the backlog.
+    assert client.post("/payments", json=one, headers=AUTH).status_code == 202
+    for path, body in (("/payments", one), ("/payments/batch", {"payments": [one, one]})):
+        response = client.post(path, json=body, headers=AUTH)
+        error = assert_error(response, 429, "backlog_full")
+        assert error["details"] == {"pending": 1, "max_pending": 1}
+        assert response.headers["Retry-After"] == "1"
+    with wallet.db.transaction() as s:
+        assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 1
+    wallet.db.dispose()

@@ -84,7 +84,7 @@ class Clients:
                     self.accepted[pid] = (buyer, seller, amount)
                     self.ids_by_key[key].add(pid)
                 return pid
-            if r is not None and r.status_code < 500:
+            if r is not None and r.status_code < 500 and r.status_code != 429:  # 429: retry later
                 with self.lock:
                     self.errors.append(f"{key}: {r.status_code} {r.text[:200]}")
                 return None
