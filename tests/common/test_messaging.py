@@ -72,3 +72,45 @@ def test_a_failed_send_does_not_stop_the_dispatcher():
         assert sender.changed.wait_for(lambda: not sender._fail, 5)
     dispatcher.submit([(2, 1, 2)])
     assert sender.wait_for(1)[0][0] == [(2, 1, 2)]
+
+
+def test_raw_publish_writes_what_celery_writes(broker_url):
+    """RedisPublisher's message against send_task's for the same task, queue and headers, on a
+    Redis database no worker reads: the same envelope and fields, only the ids differ."""
+    import base64
+    import json
+
+    import redis
+
+    from common.messaging import APPLY_PAYMENTS, REQUEST_IDS, RedisPublisher, make_celery
+    from common.settings import Settings
+
+    url = broker_url.rsplit("/", 1)[0] + "/15"
+    client = redis.Redis.from_url(url)
+    client.delete("payments.0")
+    try:
+        app = make_celery(Settings(broker_url=url, queues=1))
+        headers = {REQUEST_IDS: {"7": "req-7"}}
+        app.send_task(APPLY_PAYMENTS, args=[[7, 8]], headers=headers, queue="payments.0")
+        RedisPublisher(url).publish("payments.0", APPLY_PAYMENTS, [[7, 8]], headers)
+        ours, celerys = [json.loads(m) for m in client.lrange("payments.0", 0, -1)]  # LPUSH: newest first
+    finally:
+        client.delete("payments.0")
+        client.close()
+
+    def decoded(message):
+        return json.loads(base64.b64decode(message["body"]))
+    assert decoded(ours) == decoded(celerys)
+    assert ours.keys() == celerys.keys()
+    assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == \
+        {k: v for k, v in celerys.items() if k not in ("body", "headers", "properties")}
+    assert ours["headers"].keys() == celerys["headers"].keys()
+    varying = {"id", "root_id", "argsrepr", "origin", "ignore_result"}
+    assert {k: v for k, v in ours["headers"].items() if k not in varying} == \
+        {k: v for k, v in celerys["headers"].items() if k not in varying}
+    assert ours["headers"]["root_id"] == ours["headers"]["id"]
+    assert ours["properties"].keys() == celerys["properties"].keys()
+    varying = {"correlation_id", "reply_to", "delivery_tag"}
+    assert {k: v for k, v in ours["properties"].items() if k not in varying} == \
+        {k: v for k, v in celerys["properties"].items() if k not in varying}
+    assert ours["properties"]["correlation_id"] == ours["headers"]["id"]
