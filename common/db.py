@@ -82,8 +82,13 @@ class Database:
             pool_timeout=5,
             connect_args={
                 "connect_timeout": 5,
+                # plan_cache_mode: a Prepared statement is planned once, not per EXECUTE. Left
+                # to choose, PostgreSQL kept re-planning the payment INSERT (its generic plan,
+                # with arrays for parameters, is estimated dearer than it is): 0.23 ms of
+                # planning per payment, against 0.02 ms for the generic plan, which is the same
+                # index lookups. Only PREPAREd statements are affected; nothing else is prepared.
                 "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
-                           " -c lock_timeout=10000",
+                           " -c lock_timeout=10000 -c plan_cache_mode=force_generic_plan",
                 "application_name": "wallet",
             },
         )
