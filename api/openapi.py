@@ -160,7 +160,7 @@ worker applies it moments later; poll `GET /payments/{id}` until `completed` or 
   generated; it is returned in the `X-Request-ID` response header and appears in the API's and the
   worker's log lines.
 * **Limits**: request bodies up to 1 MiB by default (413 above); batches up to 1000 payments.
-* **Back-pressure**: while more than `WALLET_MAX_PENDING` (1000 by default) accepted payments
+* **Back-pressure**: while more than `WALLET_MAX_PENDING` (1500 by default) accepted payments
   wait to be applied, the payment POSTs answer 429 `backlog_full` with `Retry-After`; nothing is
   recorded. This bounds how long an accepted payment waits. A retry with the same Idempotency-Key
   is safe.

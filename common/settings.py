@@ -39,7 +39,7 @@ class Settings:
     max_batch_items: int = 1000
     # Admission control: POST /payments and /payments/batch answer 429 while more payments than
     # this are pending (0: no bound). It bounds completion latency to about this over the apply rate.
-    max_pending: int = 1000
+    max_pending: int = 1500
     db_pool_size: int = 10
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
