@@ -57,7 +57,8 @@ def batch_bodies(account_ids: list[int], count: int, size: int, rng: random.Rand
 
 
 async def _drive(urls: list[str], bodies: list[bytes], payments_per_request: int, api_key: str,
-                 concurrency: int, duration_s: float, timeout_s: float) -> LoadResult:
+                 concurrency: int, duration_s: float, timeout_s: float,
+                 rate: float | None = None) -> LoadResult:
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, ttl_dns_cache=None)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -68,12 +69,24 @@ async def _drive(urls: list[str], bodies: list[bytes], payments_per_request: int
     t0 = time.perf_counter()
     stop_at = t0 + duration_s
 
-    async def one_client(url: str) -> None:
+    async def one_client(url: str, index: int) -> None:
         perf = time.perf_counter
+        sent = 0
         while True:
-            start = perf()
-            if start >= stop_at:
-                return
+            if rate:  # paced: request k of this client is due at (index + k * concurrency) / rate
+                start = t0 + (index + sent * concurrency) / rate
+                sent += 1
+                if start >= stop_at:
+                    return
+                if start > perf():
+                    await asyncio.sleep(start - perf())
+                # Latency counts from when the request was due, not when it went out: a late
+                # answer delays the next request, and that wait is latency too (no coordinated
+                # omission).
+            else:
+                start = perf()
+                if start >= stop_at:
+                    return
             try:
                 async with session.post(url, data=next_body(), headers=headers) as response:
                     await response.read()
@@ -87,7 +100,7 @@ async def _drive(urls: list[str], bodies: list[bytes], payments_per_request: int
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      skip_auto_headers=("User-Agent",)) as session:
-        await asyncio.gather(*(one_client(urls[i % len(urls)]) for i in range(concurrency)))
+        await asyncio.gather(*(one_client(urls[i % len(urls)], i) for i in range(concurrency)))
     result.duration_s = time.perf_counter() - t0
     return result
 
@@ -96,10 +109,13 @@ BACKOFF_S = 0.1  # after a 429, before the next request (bench/wrk_payments.lua:
 
 
 def run_load(urls: list[str], bodies: list[bytes], payments_per_request: int, api_key: str,
-             concurrency: int, duration_s: float, timeout_s: float = 30.0) -> LoadResult:
+             concurrency: int, duration_s: float, timeout_s: float = 30.0,
+             rate: float | None = None) -> LoadResult:
+    """Closed loop (each connection sends again as soon as it is answered), or with `rate`,
+    paced: `rate` requests per second in all, spread evenly over the connections."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     result = asyncio.run(_drive(urls, bodies, payments_per_request, api_key, concurrency,
-                                duration_s, timeout_s))
+                                duration_s, timeout_s, rate))
     after = resource.getrusage(resource.RUSAGE_SELF)
     result.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result

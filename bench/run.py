@@ -10,7 +10,9 @@
    `--worker-concurrency` with `--worker-pool`), and beat (the sweeper).
 5. Scenarios, each on the same database one after the other, each drained before the next:
    uniform single payments, single payments from one hot buyer, non-atomic batches of 100, all
-   at `--clients` concurrent connections from an aiohttp client in this process.
+   at `--clients` concurrent connections sending as fast as they are answered (wrk, else an
+   aiohttp client in this process); then 'paced': uniform single payments offered at a fixed
+   `--paced-rate` (aiohttp), the latency a client sees when the system is not saturated.
 6. reconcile (common.ledger.reconcile) over the whole database.
 7. bench/results/<UTC timestamp>.json and .png, and a table on stdout.
 
@@ -44,7 +46,7 @@ from scripts import services as svc
 
 ROOT = svc.ROOT
 RESULTS = Path(__file__).with_name("results")
-SCENARIOS = ("uniform", "hot", "batch")
+SCENARIOS = ("uniform", "hot", "batch", "paced")
 TARGETS = {"single_completed_per_s": 1000, "acceptance_p99_ms": 50, "completion_p99_ms": 1000}
 
 
@@ -57,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accounts", type=int, default=10_000)
     p.add_argument("--clients", type=int, default=32, help="concurrent HTTP connections (32)")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--paced-rate", type=float, default=600.0,
+                   help="the 'paced' scenario: uniform single payments offered at this many per"
+                        " second in all (not as fast as answered), for latency below saturation")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument("--api-procs", type=int, default=2, help="gunicorn sync worker processes (2)")
@@ -95,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.reference_duration = args.reference_duration or 2.0
         args.warmup = 0.5 if args.warmup is None else args.warmup
         args.drain_timeout = min(args.drain_timeout, 60.0)
+        args.paced_rate = min(args.paced_rate, 50.0)
     if args.warmup is None:
         args.warmup = max(1.0, 0.15 * args.duration)
     if args.warmup >= args.duration:
@@ -223,7 +229,8 @@ class Bench:
     def _config(self) -> dict:
         a = self.args
         return {"duration_s": a.duration, "warmup_s": a.warmup, "accounts": a.accounts,
-                "clients": a.clients, "batch_size": a.batch_size, "scenarios": a.scenarios,
+                "clients": a.clients, "batch_size": a.batch_size, "paced_rate_per_s": a.paced_rate,
+                "scenarios": a.scenarios,
                 "api_procs": a.api_procs, "api_layout": a.api_layout, "gunicorn_args": a.gunicorn_arg,
                 "workers": a.workers, "worker_concurrency": a.worker_concurrency,
                 "worker_pool": a.worker_pool, "worker_loglevel": a.worker_loglevel,
@@ -304,7 +311,7 @@ class Bench:
                   ref: dict) -> dict:
         a = self.args
         hot = account_ids[0]
-        use_wrk = self._use_wrk(urls, account_ids)
+        use_wrk = self._use_wrk(urls, account_ids) and name != "paced"  # wrk cannot pace
         if name == "batch":
             path, per_request = "/payments/batch", a.batch_size
         else:
@@ -316,7 +323,8 @@ class Bench:
         with engine.connect() as conn:
             first_id = conn.execute(text("SELECT coalesce(max(id), 0) + 1 FROM payments")).scalar_one()
         log(f"scenario '{name}': {a.clients} clients, {a.duration} s (warm-up {a.warmup} s),"
-            f" load generator {'wrk' if use_wrk else 'aiohttp'}")
+            f" load generator {'wrk' if use_wrk else 'aiohttp'}"
+            + (f", paced at {a.paced_rate:g}/s" if name == "paced" else ""))
         cpu_before, sys_before = self.cpu.snapshot(), psutil.cpu_times()
         if use_wrk:
             client, window_start, window_end, client_cpu, client_wall = wrk.run(
@@ -325,7 +333,8 @@ class Bench:
                 a.clients, a.duration, a.warmup, self.log_dir / f"wrk-{name}.log")
         else:
             load = loadgen.run_load([u + path for u in urls], bodies, per_request, self.api_key,
-                                    a.clients, a.duration)
+                                    a.clients, a.duration,
+                                    rate=a.paced_rate if name == "paced" else None)
             client = metrics.client_metrics(load, a.warmup, a.duration)
             window_start, window_end = load.started + a.warmup, load.started + a.duration
             client_cpu, client_wall = load.cpu_s, load.duration_s

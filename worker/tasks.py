@@ -5,6 +5,7 @@ its payments already terminal and does nothing.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -25,6 +26,13 @@ payment_log = get_logger("wallet.worker")
 # Before the first metric is touched: with PROMETHEUS_MULTIPROC_DIR the pool processes write
 # their counters where the API's /metrics sums them.
 metrics.configure(get_settings())
+
+
+@signals.worker_process_init.connect
+def _freeze_startup_objects(**_):
+    # As gunicorn.conf.py's post_worker_init: a full garbage collection over the ~100,000 objects
+    # loaded at start-up takes tens of milliseconds; frozen, they are never scanned again.
+    gc.freeze()
 
 
 @signals.setup_logging.connect
