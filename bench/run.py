@@ -5,7 +5,7 @@
    fresh `wallet_bench_ref` made by the same migrations for the pgbench reference.
 3. The reference: pgbench with bench/pgbench_payment.sql (one payment per transaction), uniform
    buyer and one hot buyer, 32 clients, on the same server - run before the system starts.
-4. The system: gunicorn (`--api-procs` sync workers: one master by default, or one master per
+4. The system: gunicorn (`--api-procs` gthread workers: one master by default, or one master per
    process with `--api-layout instances`), `--workers` Celery worker processes (each
    `--worker-concurrency` with `--worker-pool`), and beat (the sweeper).
 5. Scenarios, each on the same database one after the other, each drained before the next:
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         " second in all (not as fast as answered), for latency below saturation")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--api-procs", type=int, default=2, help="gunicorn sync worker processes (2)")
+    p.add_argument("--api-procs", type=int, default=2, help="gunicorn worker processes (2)")
     p.add_argument("--api-layout", choices=("workers", "instances"), default="workers",
                    help="workers: one gunicorn master with --api-procs workers (default);"
                         " instances: --api-procs gunicorn masters of 1 worker each, on their own ports")

@@ -7,7 +7,8 @@ wait, and tells clients to slow down (Retry-After) instead of letting them pile 
 
 The bound is soft: each API process reads the pending count at most every `refresh_s` and adds
 what it admits itself in between, so several processes together may overshoot it by what they
-admit within one refresh.
+admit within one refresh. A refusal is never based on a stale count: before refusing, the count
+is read again if it is older than `recheck_s` (the backlog may have drained since).
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from common.errors import Overloaded
 
 
 class Admission:
-    def __init__(self, db: Database, max_pending: int, refresh_s: float = 0.1):
+    def __init__(self, db: Database, max_pending: int, refresh_s: float = 0.1,
+                 recheck_s: float = 0.02):
         self._db = db
         self.max_pending = max_pending  # 0: no bound
         self._refresh_s = refresh_s
+        self._recheck_s = recheck_s
         self._pending = 0
         self._read_at = float("-inf")
         self._reading = threading.Lock()
@@ -34,15 +37,17 @@ class Admission:
         empty backlog admits anything (a batch larger than the bound is slow, never refused)."""
         if not self.max_pending:
             return
-        pending = self._current()
+        pending = self._current(self._refresh_s)
+        if pending and pending + count > self.max_pending:
+            pending = self._current(self._recheck_s)
         if pending and pending + count > self.max_pending:
             raise Overloaded(
                 f"{pending} payments are waiting to be applied (limit {self.max_pending}); retry shortly",
                 {"pending": pending, "max_pending": self.max_pending})
         self._pending += count  # racy by design: a soft bound, corrected at the next read
 
-    def _current(self) -> int:
-        if time.monotonic() - self._read_at >= self._refresh_s and self._reading.acquire(blocking=False):
+    def _current(self, max_age_s: float) -> int:
+        if time.monotonic() - self._read_at >= max_age_s and self._reading.acquire(blocking=False):
             try:  # one thread reads; the others go on with the last value
                 with self._db.transaction() as session:
                     self._pending = session.execute(text(

@@ -4,6 +4,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import text
 
 from common import ledger
 from common.admission import Admission
@@ -53,3 +54,12 @@ def test_counts_what_it_admitted_between_reads(own_db):
     admission.admit(1)  # 4
     with pytest.raises(Overloaded):
         admission.admit(1)  # nothing was inserted, but this process admitted 2 since it read
+
+
+def test_rereads_before_refusing(own_db):
+    make_pending(own_db, 3)
+    admission = Admission(own_db, max_pending=4, refresh_s=3600, recheck_s=0)
+    admission.admit(1)  # reads 3: 4 by its own count, which admitting one more would exceed
+    with own_db.transaction() as s:  # the backlog drains
+        s.execute(text("UPDATE payments SET status = 'completed', completed_at = now()"))
+    admission.admit(1)  # about to refuse on its stale count, it reads again: 0 pending
