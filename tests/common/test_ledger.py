@@ -92,13 +92,17 @@ def test_frozen_account_fails_payment(session, currencies):
     assert outcome.failure_code == FailureCode.ACCOUNT_FROZEN
 
 
-@pytest.mark.parametrize("make, error", [
+# (request made from accounts a and b in USD, x in EUR; the error it must raise)
+REFUSALS = [
     (lambda a, b, x: ledger.PaymentRequest(a, a, "1"), SameAccount),
     (lambda a, b, x: ledger.PaymentRequest(a, 10**15, "1"), UnknownAccount),
     (lambda a, b, x: ledger.PaymentRequest(a, x, "1"), CurrencyMismatch),
     (lambda a, b, x: ledger.PaymentRequest(a, b, "1", currency_id=2), CurrencyMismatch),
     (lambda a, b, x: ledger.PaymentRequest(a, b, "1.001"), InvalidAmount),
-])
+]
+
+
+@pytest.mark.parametrize("make, error", REFUSALS)
 def test_submit_refuses_and_writes_nothing(session, currencies, make, error):
     a, b = open_(session, currencies, "10"), open_(session, currencies, "0")
     eur = open_(session, currencies, "0", currency_id=2)
@@ -192,13 +196,7 @@ def test_micro_batch_gives_the_same_result_as_one_by_one(session, currencies):
     assert ledger.reconcile(session) == []
 
 
-@pytest.mark.parametrize("make, error", [
-    (lambda a, b, x: ledger.PaymentRequest(a, a, "1"), SameAccount),
-    (lambda a, b, x: ledger.PaymentRequest(a, 10**15, "1"), UnknownAccount),
-    (lambda a, b, x: ledger.PaymentRequest(a, x, "1"), CurrencyMismatch),
-    (lambda a, b, x: ledger.PaymentRequest(a, b, "1", currency_id=2), CurrencyMismatch),
-    (lambda a, b, x: ledger.PaymentRequest(a, b, "1.001"), InvalidAmount),
-])
+@pytest.mark.parametrize("make, error", REFUSALS)
 def test_accept_alone_refuses_like_submit_and_writes_nothing(db, make, error):
     """accept_payment without a key runs the INSERT alone (autocommit, prepared): same checks."""
     with db.transaction() as s:
