@@ -40,13 +40,13 @@ class Settings:
     # Admission control: POST /payments and /payments/batch answer 429 while more payments than
     # this are pending (0: no bound). It bounds completion latency to about this over the apply rate.
     max_pending: int = 1500
-    db_pool_size: int = 10
+    db_pool_size: int = 12
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
     worker_concurrency: int = 2
     # gunicorn (read by ./gunicorn.conf.py): threads overlap the requests' database round trips.
     web_workers: int = 2
-    web_threads: int = 8
+    web_threads: int = 12
     web_timeout_seconds: int = 30
     log_level: str = "INFO"
     access_log: bool = True  # one JSON line per HTTP request

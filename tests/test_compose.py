@@ -110,3 +110,19 @@ def test_nginx_proxies_to_api():
 def test_app_packages_importable(module):
     # gunicorn "api:create_app()" and celery -A worker need these packages at the repo root.
     assert importlib.util.find_spec(module) is not None
+
+
+def test_postgres_accepts_every_pool_at_once():
+    """API replicas x gunicorn workers x (pool + overflow) + worker replicas x pool processes x
+    (2 + 5), with the defaults of common.settings, fit under max_connections with room to spare."""
+    from common.settings import Settings
+    d = Settings()
+    api_argv = shlex.split(SERVICES["api"]["command"])
+    api_procs = int(api_argv[api_argv.index("--workers") + 1])
+    per_api = d.db_pool_size + d.db_max_overflow
+    per_worker_proc = 2 + d.db_max_overflow  # worker.tasks.runtime(): Database(pool_size=2)
+    needed = (SERVICES["api"]["deploy"]["replicas"] * api_procs * per_api
+              + SERVICES["worker"]["deploy"]["replicas"] * d.worker_concurrency * per_worker_proc)
+    match = re.search(r"max_connections=(\d+)", SERVICES["postgres"].get("command", ""))
+    max_connections = int(match.group(1)) if match else 100
+    assert needed + 10 <= max_connections, (needed, max_connections)
