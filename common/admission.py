@@ -12,6 +12,7 @@ is read again if it is older than `recheck_s` (the backlog may have drained sinc
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -29,7 +30,7 @@ class Admission:
         self._refresh_s = refresh_s
         self._recheck_s = recheck_s
         self._pending = 0
-        self._read_at = float("-inf")
+        self._read_at = -math.inf  # never read
         self._reading = threading.Lock()
 
     def admit(self, count: int) -> None:
