@@ -1,0 +1,31 @@
+"""The ledger's rules, written once: one module per concern, all re-exported here.
+
+Every function takes a SQLAlchemy `Session` that is already inside a transaction (the unit of
+work of `common.db.Database`); none of them commits. The API and the worker both call these and
+nothing else writes balances.
+
+- currencies: the seeded currencies, amounts against a currency's scale
+- idempotency: at most one resource per Idempotency-Key
+- accounts: opening and freezing accounts
+- accepting: validating and recording payments as `pending`
+- applying: the worker's side, moving money (locking discipline in its docstring)
+- entries: the ledger entries every balance change writes
+- reconciling: the invariants over the whole database
+"""
+from common.ledger.accepting import (
+    PAYMENT_COLUMNS, PaymentRequest, accept_payment, batch_refused, check_payment, check_payments,
+    payment_problems, submit_batch, submit_payment, submit_payments,
+)
+from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
+from common.ledger.applying import Outcome, apply_atomic_batch, apply_payments
+from common.ledger.currencies import Currencies, Currency, parse_amount
+from common.ledger.idempotency import IdempotencyKey, idempotent
+from common.ledger.reconciling import reconcile
+
+__all__ = [
+    "PAYMENT_COLUMNS", "Currencies", "Currency", "IdempotencyKey", "Outcome", "PaymentRequest",
+    "accept_payment", "apply_atomic_batch", "apply_payments", "batch_refused", "check_payment",
+    "check_payments", "create_account", "idempotent", "issuance_account_id", "open_account",
+    "parse_amount", "payment_problems", "reconcile", "set_account_status", "submit_batch",
+    "submit_payment", "submit_payments",
+]

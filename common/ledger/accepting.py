@@ -1,0 +1,227 @@
+"""Accepting payments: validate, then record them `pending` with one statement.
+
+What is refused here writes nothing; what is accepted is applied later by a worker
+(common.ledger.applying)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from common import money
+from common.db import Database, Prepared
+from common.errors import CurrencyMismatch, SameAccount, UnknownAccount, UnknownCurrency, ValidationFailed, WalletError
+from common.ledger.currencies import WIDEST_CURRENCY, Currencies, parse_amount
+from common.ledger.idempotency import IdempotencyKey, idempotent
+
+@dataclass(frozen=True)
+class PaymentRequest:
+    buyer_account_id: int
+    seller_account_id: int
+    amount_raw: object
+    currency_id: int | None = None
+
+    def canonical(self, amount: Decimal) -> dict[str, Any]:
+        return {"buyer_account_id": self.buyer_account_id, "seller_account_id": self.seller_account_id,
+                "amount": money.format_amount(amount), "currency_id": self.currency_id}
+
+
+PAYMENT_COLUMNS = (
+    "id, status, buyer_account_id, seller_account_id, amount, currency_id, failure_code, batch_id,"
+    " created_at, completed_at"
+)
+
+
+def check_payment(currencies: Currencies, req: PaymentRequest) -> Decimal:
+    """Validate what can be validated before reading the accounts; returns the exact amount.
+    The scale is checked against the accounts' currency in `submit_payments`."""
+    if req.buyer_account_id == req.seller_account_id:
+        raise SameAccount("buyer and seller must be different accounts")
+    if req.currency_id is not None and req.currency_id not in currencies.by_id:
+        raise UnknownCurrency(f"currency_id {req.currency_id} does not exist")
+    return parse_amount(req.amount_raw, WIDEST_CURRENCY)
+
+
+
+def submit_payment(session: Session, currencies: Currencies, req: PaymentRequest,
+                   key: IdempotencyKey | None = None) -> tuple[Mapping[str, Any], bool]:
+    """Record one payment as `pending`. Returns (payment row, created now?)."""
+    return idempotent(
+        session, key, "payment",
+        create=lambda: submit_payments(session, currencies, [req])[0],
+        load=lambda payment_id: _payment_rows(session, [payment_id])[0])
+
+
+def accept_payment(db: Database, currencies: Currencies, req: PaymentRequest,
+                   key: IdempotencyKey | None = None) -> tuple[Mapping[str, Any], bool]:
+    """`submit_payment` in a transaction of its own, the API's unit of work for POST /payments.
+
+    Without an idempotency key the unit of work is the one INSERT, so it runs alone (autocommit,
+    prepared): one round trip instead of three (BEGIN, INSERT, COMMIT) and no planning, on the
+    path every single payment takes. Same statement, same checks, same outcome.
+    """
+    if key is not None:
+        with db.transaction() as session:
+            return submit_payment(session, currencies, req, key)
+    amounts, problems = check_payments(currencies, [req])
+    if problems:
+        raise problems[0][1]
+    rows = db.execute_alone(_INSERT_PAYMENTS_ALONE, _insert_params([req], amounts, None))
+    if rows:
+        return rows[0], True
+    with db.transaction() as session:  # refused: read the accounts to say why
+        raise _refused(session, currencies, [req])
+
+
+def submit_batch(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
+                 atomic: bool, key: IdempotencyKey | None = None
+                 ) -> tuple[int, list[Mapping[str, Any]], bool]:
+    """Record a batch and all its payments in one go. Returns (batch id, payment rows, created?)."""
+    def create() -> Mapping[str, Any]:
+        batch_id = session.execute(text(
+            "INSERT INTO batches (atomic, total) VALUES (:atomic, :total) RETURNING id"
+        ), {"atomic": atomic, "total": len(reqs)}).scalar_one()
+        return {"id": batch_id, "payments": submit_payments(session, currencies, reqs, batch_id)}
+
+    def load(batch_id: int) -> Mapping[str, Any]:
+        ids = session.execute(text("SELECT id FROM payments WHERE batch_id = :id ORDER BY id"),
+                              {"id": batch_id}).scalars().all()
+        return {"id": batch_id, "payments": _payment_rows(session, list(ids))}
+
+    batch, created = idempotent(session, key, "batch", create=create, load=load)
+    return batch["id"], batch["payments"], created
+
+
+def _payment_rows(session: Session, ids: list[int]) -> list[Mapping[str, Any]]:
+    return list(session.execute(text(
+        f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ANY(:ids) ORDER BY id"
+    ), {"ids": ids}).mappings())
+
+
+# The accounts are read by primary key into a small materialized set first: joined directly, the
+# planner may reach the seller through the currency index (s.currency_id = b.currency_id makes it
+# an equivalence) and scan every account of the currency for each payment.
+_INSERT_PAYMENTS_SQL = (
+    "WITH r AS (SELECT * FROM unnest(CAST(:buyers AS bigint[]), CAST(:sellers AS bigint[]),"
+    "                                CAST(:amounts AS numeric[]), CAST(:currencies AS smallint[]))"
+    "           WITH ORDINALITY AS r(buyer, seller, amount, currency_id, n)),"
+    " known AS MATERIALIZED ("
+    "   SELECT a.id, a.currency_id, c.scale FROM accounts a JOIN currencies c ON c.id = a.currency_id"
+    "   WHERE a.id = ANY(CAST(:buyers AS bigint[]) || CAST(:sellers AS bigint[]))"
+    "     AND a.kind = 'customer')"
+    " INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, batch_id)"
+    " SELECT r.buyer, r.seller, b.currency_id, r.amount, CAST(:batch_id AS bigint)"
+    " FROM r JOIN known b ON b.id = r.buyer JOIN known s ON s.id = r.seller"
+    " WHERE s.currency_id = b.currency_id"
+    "   AND (r.currency_id IS NULL OR r.currency_id = b.currency_id)"
+    "   AND scale(r.amount) <= b.scale"
+    " ORDER BY r.n"
+    f" RETURNING {PAYMENT_COLUMNS}"
+)
+_INSERT_PAYMENTS = text(_INSERT_PAYMENTS_SQL)
+_INSERT_PAYMENTS_ALONE = Prepared("wallet_insert_payments", _INSERT_PAYMENTS_SQL)
+
+
+def _insert_params(reqs: Sequence[PaymentRequest], amounts: Sequence[Decimal],
+                   batch_id: int | None) -> dict[str, Any]:
+    return {
+        "batch_id": batch_id,
+        "buyers": [r.buyer_account_id for r in reqs],
+        "sellers": [r.seller_account_id for r in reqs],
+        "amounts": amounts,
+        "currencies": [r.currency_id for r in reqs],
+    }
+
+
+def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
+                    batch_id: int | None = None) -> list[Mapping[str, Any]]:
+    """Record payments as `pending` with one statement, which also checks the accounts exist and
+    agree on the currency, and the amount's scale. The rows come back in request order.
+
+    Raises when any request is invalid (the caller's transaction then writes nothing): the
+    request's own error for a single payment, ValidationFailed listing every bad item for several.
+    """
+    amounts, problems = check_payments(currencies, reqs)
+    if not problems:
+        rows = session.execute(_INSERT_PAYMENTS, _insert_params(reqs, amounts, batch_id)
+                               ).mappings().all()
+        if len(rows) == len(reqs):
+            # INSERT ... SELECT ... ORDER BY takes ids in request order; RETURNING's order is not
+            # promised, so sort by id.
+            return sorted(rows, key=lambda row: row["id"])
+    # Raising rolls back the caller's transaction, with any rows the INSERT did write.
+    raise _refused(session, currencies, reqs)
+
+
+def _refused(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest]) -> WalletError:
+    """The error for requests the INSERT refused: the request's own for a single payment,
+    ValidationFailed listing every bad item for several."""
+    problems = payment_problems(session, currencies, reqs)
+    if not problems:
+        raise AssertionError("payments were refused for no known reason")
+    if len(reqs) == 1:
+        return problems[0][1]
+    return batch_refused(problems, len(reqs))
+
+
+def batch_refused(problems: Sequence[tuple[int, WalletError]], total: int) -> ValidationFailed:
+    """The 422 of a batch: every bad item's index with its error."""
+    return ValidationFailed(f"{len(problems)} of {total} payments are invalid; none was recorded", [
+        {"index": index, "code": exc.code, "message": exc.message, "details": exc.details}
+        for index, exc in problems])
+
+
+def check_payments(currencies: Currencies, reqs: Sequence[PaymentRequest]
+                   ) -> tuple[list[Decimal | None], list[tuple[int, WalletError]]]:
+    """`check_payment` for each request: (amounts, None where refused; (index, error) refusals)."""
+    amounts, problems = [], []
+    for index, req in enumerate(reqs):
+        try:
+            amounts.append(check_payment(currencies, req))
+        except WalletError as exc:
+            amounts.append(None)
+            problems.append((index, exc))
+    return amounts, problems
+
+
+def payment_problems(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest]
+                     ) -> list[tuple[int, WalletError]]:
+    """Every refused request with its reason, in index order (the error path of a batch)."""
+    amounts, problems = check_payments(currencies, reqs)
+    return sorted(problems + _diagnose(session, currencies, reqs, amounts), key=lambda p: p[0])
+
+
+def _diagnose(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
+              amounts: Sequence[Decimal]) -> list[tuple[int, WalletError]]:
+    """Only on the error path: which requests the single INSERT refused, and why."""
+    ids = sorted({i for r in reqs for i in (r.buyer_account_id, r.seller_account_id)})
+    found = {row.id: row.currency_id for row in session.execute(text(
+        "SELECT id, currency_id FROM accounts WHERE id = ANY(:ids) AND kind = 'customer'"
+    ), {"ids": ids})}
+    problems = []
+    for index, (req, amount) in enumerate(zip(reqs, amounts)):
+        if amount is None:
+            continue  # already refused before the accounts were read
+        try:
+            _check_against_accounts(req, amount, found, currencies)
+        except WalletError as exc:
+            problems.append((index, exc))
+    return problems
+
+
+def _check_against_accounts(req: PaymentRequest, amount: Decimal, found: Mapping[int, int],
+                            currencies: Currencies) -> None:
+    for field in ("buyer_account_id", "seller_account_id"):
+        account_id = getattr(req, field)
+        if account_id not in found:
+            raise UnknownAccount(f"account {account_id} does not exist", {"field": field})
+    currency_id = found[req.buyer_account_id]
+    if found[req.seller_account_id] != currency_id:
+        raise CurrencyMismatch("buyer and seller accounts hold different currencies")
+    if req.currency_id is not None and req.currency_id != currency_id:
+        raise CurrencyMismatch("currency_id differs from the accounts' currency")
+    parse_amount(amount, currencies.by_id[currency_id])  # InvalidAmount when past the scale
