@@ -17,6 +17,7 @@ STATUS = {
     errors.Unauthorized: 401,
     errors.NotFound: 404,
     errors.IdempotencyConflict: 409,
+    errors.InvalidState: 409,
     errors.RequestTooLarge: 413,
     errors.Overloaded: 429,
     errors.ValidationFailed: 422,
@@ -25,6 +26,7 @@ STATUS = {
     errors.UnknownAccount: 422,
     errors.SameAccount: 422,
     errors.CurrencyMismatch: 422,
+    errors.RefundExceedsPayment: 422,
 }
 
 HTTP_CODES = {400: "malformed_request", 401: "unauthorized", 404: "not_found",

@@ -32,10 +32,12 @@ ERRORS = {
     400: "Malformed request: body is not JSON or not an object, or a query parameter is invalid",
     401: "Missing or unknown API key",
     404: "No such resource",
-    409: "Idempotency-Key reused with a different body",
+    409: "Idempotency-Key reused with a different body (idempotency_conflict), or the payment is not "
+         "in a state that allows this (invalid_state; `details.status` is its status)",
     413: "Request body larger than the limit",
     422: "Body is well-formed but invalid (validation_error, invalid_amount, unknown_account, "
-         "unknown_currency, same_account, currency_mismatch); `details` says which fields",
+         "unknown_currency, same_account, currency_mismatch, refund_exceeds_payment); `details` "
+         "says which fields",
     429: "Too many payments are waiting to be applied (backlog_full; `details` has `pending` and "
          "`max_pending`); retry after the `Retry-After` seconds, with the same Idempotency-Key",
     503: "The database (or, for /ready, a dependency) is unreachable; retry later",
@@ -67,6 +69,7 @@ class Route:
     media_type: str = "application/json"
     description: str = ""
     headers: dict[int, dict[str, str]] = field(default_factory=dict)
+    body_required: bool = True
 
 
 ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
@@ -128,9 +131,36 @@ ROUTES: tuple[Route, ...] = (
     Route("get", "/payments", "listPayments", "Payments, newest first", "payments",
           {200: schemas.PaymentList}, errors=(400, 401, 503), params=(
               *PAGE,
-              Param("status", {"type": "string", "enum": ["pending", "completed", "failed"]}, "Filter"),
+              Param("status", {"type": "string", "enum": list(schemas.STATUSES)}, "Filter"),
               Param("account_id", ID, "Payments where this account is buyer or seller"),
-              Param("batch_id", ID, "Payments of this batch"))),
+              Param("batch_id", ID, "Payments of this batch"),
+              Param("refund_of", ID, "The refunds of this payment"),
+              Param("reference", {"type": "string", "minLength": 1, "maxLength": 128,
+                                  "pattern": "^[ -~]+$"}, "Payments with this reference"))),
+    Route("post", "/payments/{payment_id}/capture", "capturePayment",
+          "Capture an authorized payment, whole or in part", "payments", {200: schemas.Payment},
+          body=schemas.CaptureCreate, params=(_id("payment_id", "payment"),), idempotent=True,
+          errors=(400, 401, 404, 409, 413, 422, 503), body_required=False,
+          description="Moves the captured amount (default: all of it) from buyer to seller and "
+                      "releases the rest of the hold; answers 200 with the payment `completed`. "
+                      "409 invalid_state unless it is `authorized` and not past "
+                      "`authorization_expires_at`; 422 invalid_amount above the authorized amount."),
+    Route("post", "/payments/{payment_id}/cancel", "cancelPayment",
+          "Cancel an authorized payment: release its hold", "payments", {200: schemas.Payment},
+          body=schemas.CancelCreate, params=(_id("payment_id", "payment"),), idempotent=True,
+          errors=(400, 401, 404, 409, 413, 422, 503), body_required=False,
+          description="Answers 200 with the payment `canceled` (`cancellation_reason: requested`); "
+                      "409 invalid_state unless it is `authorized` and not expired."),
+    Route("post", "/payments/{payment_id}/refunds", "refundPayment",
+          "Refund a completed payment, whole or in part", "payments", {202: schemas.Payment},
+          body=schemas.RefundCreate, params=(_id("payment_id", "payment"),), idempotent=True,
+          errors=PAYMENT_WRITE_ERRORS + (404,), body_required=False, headers={202: LOCATION},
+          description="Accepts a new payment from the seller back to the buyer, `refund_of` the "
+                      "original, applied like any payment (it fails with insufficient_funds when "
+                      "the seller's available balance is short). The refunds that have not failed "
+                      "never exceed the captured amount: 422 refund_exceeds_payment. 409 "
+                      "invalid_state unless the original is `completed`; a refund of a refund is "
+                      "422 validation_error."),
     Route("post", "/payments/batch", "createBatch", "Accept many payments in one request",
           "payments", {202: schemas.BatchAccepted}, body=schemas.BatchCreate,
           errors=PAYMENT_WRITE_ERRORS,
@@ -144,7 +174,18 @@ ROUTES: tuple[Route, ...] = (
 
 DESCRIPTION = """\
 Queue-backed payment processor. A payment is recorded as `pending` and answered with `202`; a
-worker applies it moments later; poll `GET /payments/{id}` until `completed` or `failed`.
+worker applies it moments later; poll `GET /payments/{id}` until it is no longer `pending`.
+
+* **Statuses**: `pending` → `completed` | `failed` | `authorized`; `authorized` → `completed`
+  (captured) | `canceled` (`cancellation_reason`: `requested` or `expired`).
+* **Holds**: `capture_method: "manual"` makes the worker reserve the amount (the buyer's `held`
+  grows, `available` shrinks) instead of moving it; capture (whole or part) or cancel it, or let it
+  expire after `authorization_expires_in` seconds (default 7 days). Every payment needs the
+  buyer's `available` balance (`balance - held`).
+* **Refunds** are payments of their own, seller to buyer, with `refund_of`; the original shows
+  `amount_refunded` (completed refunds). List them with `GET /payments?refund_of=<id>`.
+* **Metadata and reference**: accounts and payments take `metadata` (up to 20 string values);
+  payments take your own `reference` (not unique), filterable with `GET /payments?reference=`.
 
 * **Authentication**: every endpoint but `/health` needs `Authorization: Bearer <API key>`.
 * **Amounts** are exact decimals. Send them as JSON strings (`"500.1"`, recommended) or numbers
@@ -222,7 +263,7 @@ def document() -> dict[str, Any]:
         if params:
             op["parameters"] = params
         if r.body is not None:
-            op["requestBody"] = {"required": True, "content": {
+            op["requestBody"] = {"required": r.body_required, "content": {
                 "application/json": {"schema": ref(r.body, "validation")}}}
         if r.public:
             op["security"] = []

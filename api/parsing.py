@@ -61,6 +61,13 @@ def parse_body(model: type[M]) -> M:
     return validate(model, data)
 
 
+def parse_optional_body(model: type[M]) -> M:
+    """For endpoints whose every field is optional: no body at all means `{}`."""
+    if not request.get_data(cache=True) and not request.content_length:
+        return validate(model, {})
+    return parse_body(model)
+
+
 def validate(model: type[M], data: dict) -> M:
     try:
         return model.model_validate(data)

@@ -12,6 +12,10 @@ def _time(value) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _amount(value) -> str | None:
+    return format_amount(value) if value is not None else None
+
+
 def account(row: Mapping[str, Any], currencies: Currencies) -> dict[str, Any]:
     return {
         "id": row["id"],
@@ -19,7 +23,10 @@ def account(row: Mapping[str, Any], currencies: Currencies) -> dict[str, Any]:
         "currency_id": row["currency_id"],
         "currency": currencies.by_id[row["currency_id"]].code,
         "balance": format_amount(row["balance"]),
+        "held": format_amount(row["held"]),
+        "available": format_amount(row["balance"] - row["held"]),
         "status": row["status"],
+        "metadata": row["metadata"],
         "created_at": _time(row["created_at"]),
     }
 
@@ -37,6 +44,14 @@ def payment(row: Mapping[str, Any], currencies: Currencies) -> dict[str, Any]:
         "batch_id": row["batch_id"],
         "created_at": _time(row["created_at"]),
         "completed_at": _time(row["completed_at"]),
+        "capture_method": row["capture_method"],
+        "amount_captured": _amount(row["amount_captured"]),
+        "amount_refunded": format_amount(row["amount_refunded"]),
+        "refund_of": row["refund_of"],
+        "authorization_expires_at": _time(row["authorization_expires_at"]),
+        "cancellation_reason": row["cancellation_reason"],
+        "reference": row["reference"],
+        "metadata": row["metadata"],
     }
 
 
@@ -56,7 +71,7 @@ def batch(row: Mapping[str, Any]) -> dict[str, Any]:
         "id": row["id"],
         "atomic": row["atomic"],
         "total": row["total"],
-        "counts": {"pending": row["pending"], "completed": row["completed"], "failed": row["failed"]},
+        "counts": {status: row[status] for status in ("pending", "completed", "failed", "authorized", "canceled")},
         "finished": row["pending"] == 0,
         "created_at": _time(row["created_at"]),
     }

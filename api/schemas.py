@@ -6,7 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 MAX_ID = 2**63 - 1
 
@@ -20,6 +20,18 @@ AmountIn = Annotated[
 ]
 AmountOut = Annotated[str, Field(description="Exact decimal as a string, without trailing zeros",
                                  examples=["499.9"])]
+MetadataKey = Annotated[StrictStr, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Metadata = Annotated[
+    dict[MetadataKey, Annotated[StrictStr, Field(max_length=500)]],
+    Field(max_length=20, description="Your own key-value pairs: at most 20 keys of 1-40 characters "
+                                     "of A-Za-z0-9_.-, each value a string of at most 500 characters; "
+                                     "returned exactly as given", examples=[{"order_id": "A-1001"}]),
+]
+Reference = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$",
+                                       description="Your own identifier for the payment (1-128 "
+                                                   "printable ASCII characters); not unique",
+                                       examples=["order-1001"])]
+MAX_AUTHORIZATION_SECONDS = 30 * 24 * 3600
 
 
 class RequestModel(BaseModel):
@@ -33,6 +45,7 @@ class AccountCreate(RequestModel):
     currency_id: Optional[CurrencyId] = None
     currency: Optional[Annotated[StrictStr, Field(min_length=1, max_length=12, examples=["USD"])]] = None
     amount: AmountIn = Field(default="0", description="Opening balance (default 0)")
+    metadata: Optional[Metadata] = None
 
 
 class PaymentCreate(RequestModel):
@@ -41,6 +54,35 @@ class PaymentCreate(RequestModel):
     amount: AmountIn
     currency_id: Optional[CurrencyId] = Field(
         default=None, description="If given, must be the accounts' currency")
+    capture_method: Literal["automatic", "manual"] = Field(
+        default="automatic", description="manual: the worker only reserves the amount (status "
+                                         "`authorized`); capture or cancel it later")
+    authorization_expires_in: Optional[Annotated[StrictInt, Field(ge=1, le=MAX_AUTHORIZATION_SECONDS)]] = Field(
+        default=None, description="manual only: seconds from acceptance until an uncaptured hold is "
+                                  "canceled (`cancellation_reason: expired`); default 604800 (7 days)")
+    reference: Optional[Reference] = None
+    metadata: Optional[Metadata] = None
+
+    @model_validator(mode="after")
+    def _expiry_needs_manual(self):
+        if self.authorization_expires_in is not None and self.capture_method != "manual":
+            raise ValueError("authorization_expires_in is for capture_method manual only")
+        return self
+
+
+class CaptureCreate(RequestModel):
+    amount: Optional[AmountIn] = Field(default=None, description="At most the authorized amount; "
+                                       "default all of it. The rest is released.")
+
+
+class CancelCreate(RequestModel):
+    pass
+
+
+class RefundCreate(RequestModel):
+    amount: Optional[AmountIn] = Field(default=None, description="Default: what is left to refund")
+    reference: Optional[Reference] = None
+    metadata: Optional[Metadata] = None
 
 
 class BatchCreate(RequestModel):
@@ -55,22 +97,37 @@ class Account(BaseModel):
     currency_id: int
     currency: str
     balance: AmountOut
+    held: AmountOut = Field(description="Reserved by authorized payments of which it is the buyer")
+    available: AmountOut = Field(description="balance - held: what new payments may spend")
     status: Literal["active", "frozen"]
+    metadata: dict[str, str]
     created_at: datetime
+
+
+STATUSES = ("pending", "completed", "failed", "authorized", "canceled")
+FAILURE_CODES = ("insufficient_funds", "account_frozen", "batch_failed", "internal_error")
 
 
 class Payment(BaseModel):
     id: int
-    status: Literal["pending", "completed", "failed"]
+    status: Literal[STATUSES]
     buyer_account_id: int
     seller_account_id: int
     amount: AmountOut
     currency_id: int
     currency: str
-    failure_code: Optional[Literal["insufficient_funds", "account_frozen", "batch_failed"]]
+    failure_code: Optional[Literal[FAILURE_CODES]]
     batch_id: Optional[int]
     created_at: datetime
-    completed_at: Optional[datetime]
+    completed_at: Optional[datetime] = Field(description="When it became completed, failed or canceled")
+    capture_method: Literal["automatic", "manual"]
+    amount_captured: Optional[AmountOut] = Field(description="What moved buyer to seller; set once completed")
+    amount_refunded: AmountOut = Field(description="Sum of its completed refunds")
+    refund_of: Optional[int] = Field(description="For a refund: the payment it refunds")
+    authorization_expires_at: Optional[datetime] = Field(description="manual only: when an uncaptured hold is canceled")
+    cancellation_reason: Optional[Literal["requested", "expired"]]
+    reference: Optional[str]
+    metadata: dict[str, str]
 
 
 class Entry(BaseModel):
@@ -130,6 +187,8 @@ class BatchCounts(BaseModel):
     pending: int
     completed: int
     failed: int
+    authorized: int
+    canceled: int
 
 
 class Batch(BaseModel):

@@ -18,5 +18,5 @@ UPDATE accounts SET balance = balance - 0.01, updated_at = now() WHERE id = :buy
 UPDATE accounts SET balance = balance + 0.01, updated_at = now() WHERE id = :seller RETURNING balance AS seller_after \gset
 INSERT INTO ledger_entries (account_id, payment_id, amount, balance_after)
   VALUES (:buyer, :pid, -0.01, :buyer_after), (:seller, :pid, 0.01, :seller_after);
-UPDATE payments SET status = 'completed', completed_at = now() WHERE id = :pid;
+UPDATE payments SET status = 'completed', amount_captured = amount, completed_at = now() WHERE id = :pid;
 COMMIT;

@@ -66,6 +66,16 @@ class IdempotencyConflict(WalletError):
     code = "idempotency_conflict"
 
 
+class InvalidState(WalletError):
+    """The payment is not in a state that allows this (capture or cancel of a payment that is not
+    authorized, a refund of one that is not completed). `details` holds its status."""
+    code = "invalid_state"
+
+
+class RefundExceedsPayment(WalletError):
+    code = "refund_exceeds_payment"
+
+
 class Overloaded(WalletError):
     """Too many accepted payments are still pending: retry later (HTTP 429)."""
     code = "backlog_full"

@@ -63,6 +63,8 @@ def multiprocess_dir() -> str | None:
 def record_outcomes(task: str, outcomes) -> None:
     completed = 0
     for o in outcomes:
+        if o.status == "authorized":
+            continue  # moves nothing yet: a capture completes it
         if o.failure_code is None:
             completed += 1
         else:

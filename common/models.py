@@ -8,6 +8,7 @@ from sqlalchemy import (
     BigInteger, Boolean, CheckConstraint, Column, DateTime, ForeignKey, Index, Integer, MetaData,
     Numeric, SmallInteger, String, Table, func, text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
 
@@ -31,11 +32,18 @@ accounts = Table(
     Column("name", String(200), nullable=False),
     Column("currency_id", SmallInteger, ForeignKey("currencies.id"), nullable=False),
     Column("balance", Money, nullable=False, server_default="0"),
+    # The sum of the amounts of its authorized payments as buyer: reserved, not yet moved.
+    # available = balance - held.
+    Column("held", Money, nullable=False, server_default="0"),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("kind", String(16), nullable=False, server_default="customer"),
     Column("status", String(16), nullable=False, server_default="active"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("kind <> 'customer' OR balance >= 0", name="accounts_customer_balance_nonnegative"),
+    CheckConstraint("held >= 0", name="accounts_held_nonnegative"),
+    CheckConstraint("kind <> 'customer' OR balance - held >= 0",
+                    name="accounts_customer_available_nonnegative"),
     CheckConstraint("kind IN ('customer', 'issuance')", name="accounts_kind_valid"),
     CheckConstraint("status IN ('active', 'frozen')", name="accounts_status_valid"),
     Index("accounts_currency_id_idx", "currency_id", "id"),
@@ -60,19 +68,50 @@ payments = Table(
     Column("failure_code", String(32)),
     Column("batch_id", BigInteger, ForeignKey("batches.id")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Set when the payment reaches a terminal state (completed, failed, canceled).
     Column("completed_at", DateTime(timezone=True)),
+    # 'manual': applying only reserves the amount (status 'authorized'); a capture moves it.
+    Column("capture_method", String(16), nullable=False, server_default="automatic"),
+    Column("amount_captured", Money),  # what moved buyer to seller; set once completed
+    Column("amount_refunded", Money, nullable=False, server_default="0"),  # completed refunds
+    Column("refund_of", BigInteger, ForeignKey("payments.id")),
+    Column("authorization_expires_at", DateTime(timezone=True)),  # manual payments only
+    Column("cancellation_reason", String(16)),
+    Column("reference", String(128)),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     # When the sweeper last re-enqueued it: a payment is re-sent at most once per sweep period.
     Column("swept_at", DateTime(timezone=True)),
     CheckConstraint("amount > 0", name="payments_amount_positive"),
     CheckConstraint("buyer_account_id <> seller_account_id", name="payments_distinct_accounts"),
-    CheckConstraint("status IN ('pending', 'completed', 'failed')", name="payments_status_valid"),
+    CheckConstraint("status IN ('pending', 'completed', 'failed', 'authorized', 'canceled')",
+                    name="payments_status_valid"),
     CheckConstraint("(status = 'failed') = (failure_code IS NOT NULL)", name="payments_failure_code_iff_failed"),
-    CheckConstraint("(status = 'pending') = (completed_at IS NULL)", name="payments_completed_at_iff_terminal"),
+    CheckConstraint("(status IN ('pending', 'authorized')) = (completed_at IS NULL)",
+                    name="payments_completed_at_iff_terminal"),
+    CheckConstraint("capture_method IN ('automatic', 'manual')", name="payments_capture_method_valid"),
+    CheckConstraint("(capture_method = 'manual') = (authorization_expires_at IS NOT NULL)",
+                    name="payments_expiry_iff_manual"),
+    CheckConstraint("status <> 'authorized' OR capture_method = 'manual'",
+                    name="payments_authorized_only_manual"),
+    CheckConstraint("(status = 'canceled') = (cancellation_reason IS NOT NULL)",
+                    name="payments_cancellation_reason_iff_canceled"),
+    CheckConstraint("cancellation_reason IN ('requested', 'expired')",
+                    name="payments_cancellation_reason_valid"),
+    CheckConstraint("(status = 'completed') = (amount_captured IS NOT NULL)",
+                    name="payments_captured_iff_completed"),
+    CheckConstraint("amount_captured > 0 AND amount_captured <= amount", name="payments_captured_range"),
+    CheckConstraint("amount_refunded >= 0 AND amount_refunded <= coalesce(amount_captured, 0)",
+                    name="payments_refunded_range"),
+    CheckConstraint("refund_of IS NULL OR capture_method = 'automatic'", name="payments_refund_automatic"),
     Index("payments_pending_idx", "created_at", postgresql_where=text("status = 'pending'")),
     Index("payments_buyer_idx", "buyer_account_id", "id"),
     Index("payments_seller_idx", "seller_account_id", "id"),
     Index("payments_batch_idx", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
     Index("payments_status_idx", "status", "id"),
+    Index("payments_refund_of_idx", "refund_of", "id", postgresql_where=text("refund_of IS NOT NULL")),
+    Index("payments_reference_idx", "reference", "id", postgresql_where=text("reference IS NOT NULL")),
+    Index("payments_authorized_expiry_idx", "authorization_expires_at",
+          postgresql_where=text("status = 'authorized'")),
 )
 
 ledger_entries = Table(

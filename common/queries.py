@@ -9,9 +9,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from common.errors import NotFound
-from common.ledger import PAYMENT_COLUMNS
-
-ACCOUNT_COLUMNS = "id, name, currency_id, balance, status, created_at"
+from common.ledger.accepting import PAYMENT_COLUMNS
+from common.ledger.accounts import ACCOUNT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,18 @@ def get_payment(session: Session, payment_id: int) -> Mapping[str, Any]:
 
 
 def list_payments(session: Session, *, after: int | None, limit: int, account_id: int | None = None,
-                  status: str | None = None, batch_id: int | None = None) -> Page:
+                  status: str | None = None, batch_id: int | None = None,
+                  refund_of: int | None = None, reference: str | None = None) -> Page:
     """Newest first. With an account, the union of its two indexed sides beats an OR scan."""
     where = ["id < coalesce(:after, 9223372036854775807)"]
     if status is not None:
         where.append("status = :status")
     if batch_id is not None:
         where.append("batch_id = :batch_id")
+    if refund_of is not None:
+        where.append("refund_of = :refund_of")
+    if reference is not None:
+        where.append("reference = :reference")
     cond = " AND ".join(where)
     if account_id is None:
         sql = f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE {cond} ORDER BY id DESC LIMIT :limit"
@@ -77,7 +81,7 @@ def list_payments(session: Session, *, after: int | None, limit: int, account_id
         )
     rows = session.execute(text(sql), {
         "after": after, "limit": limit + 1, "status": status, "batch_id": batch_id,
-        "account": account_id,
+        "account": account_id, "refund_of": refund_of, "reference": reference,
     }).mappings().all()
     return _page(list(rows), limit)
 
@@ -97,7 +101,9 @@ def get_batch(session: Session, batch_id: int) -> Mapping[str, Any]:
         "SELECT b.id, b.atomic, b.total, b.created_at,"
         " count(*) FILTER (WHERE p.status = 'pending') AS pending,"
         " count(*) FILTER (WHERE p.status = 'completed') AS completed,"
-        " count(*) FILTER (WHERE p.status = 'failed') AS failed"
+        " count(*) FILTER (WHERE p.status = 'failed') AS failed,"
+        " count(*) FILTER (WHERE p.status = 'authorized') AS authorized,"
+        " count(*) FILTER (WHERE p.status = 'canceled') AS canceled"
         " FROM batches b LEFT JOIN payments p ON p.batch_id = b.id"
         " WHERE b.id = :id GROUP BY b.id"
     ), {"id": batch_id}).mappings().first()

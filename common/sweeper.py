@@ -1,9 +1,11 @@
 """Re-enqueue payments that stayed `pending` too long: a lost message delays a payment, never
-loses it. Safe to run anywhere and any number of times, because applying is idempotent."""
+loses it. Safe to run anywhere and any number of times, because applying is idempotent.
+Also cancels authorizations past their expiry."""
 from __future__ import annotations
 
 from sqlalchemy import text
 
+from common import ledger
 from common.db import Database
 from common.messaging import Sender
 
@@ -29,3 +31,9 @@ def sweep(db: Database, sender: Sender, older_than_seconds: float) -> int:
     for batch_id in sorted({r.batch_id for r in rows if r.atomic}):
         sender.send_atomic_batch(batch_id)
     return len(rows)
+
+
+def expire(db: Database) -> int:
+    """Cancel (reason `expired`) the authorizations past their expiry; returns how many."""
+    with db.transaction() as session:
+        return len(ledger.expire_authorizations(session))

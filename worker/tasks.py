@@ -120,6 +120,9 @@ def sweep(self) -> None:
     swept = sweeper.sweep(db, sender, get_settings().sweep_after_seconds)
     if swept:
         log.info("re-enqueued %d pending payments", swept)
+    expired = sweeper.expire(db)
+    if expired:
+        log.info("canceled %d expired authorizations", expired)
 
 
 def _log_outcomes(outcomes: list[ledger.Outcome], request_id_of, **fields) -> None:

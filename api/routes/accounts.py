@@ -21,9 +21,10 @@ def create_account():
     currency = w.currencies.resolve(body.currency_id, body.currency)
     opening = ledger.parse_amount(body.amount, currency, allow_zero=True)
     key = idempotency_key("account", lambda: {
-        "name": body.name, "currency_id": currency.id, "amount": money.format_amount(opening)})
+        "name": body.name, "currency_id": currency.id, "amount": money.format_amount(opening),
+        "metadata": body.metadata or {}})
     with w.db.transaction() as session:
-        row, _ = ledger.open_account(session, currency, body.name, opening, key)
+        row, _ = ledger.open_account(session, currency, body.name, opening, key, body.metadata)
     return render.account(row, w.currencies), 201, {"Location": f"/accounts/{row['id']}"}
 
 

@@ -6,22 +6,21 @@ import logging
 from flask import Blueprint, request
 
 from api import render
-from api.parsing import encode_cursor, int_arg, page_args, parse_body, validate
+from api.parsing import encode_cursor, int_arg, page_args, parse_body, parse_optional_body, validate
 from api.routes.idempotency import idempotency_key
-from api.schemas import MAX_ID, BatchCreate, PaymentCreate
+from api.schemas import MAX_ID, STATUSES, BatchCreate, CancelCreate, CaptureCreate, PaymentCreate, RefundCreate
 from api.wallet import wallet
-from common import ledger, metrics, queries
+from common import ledger, metrics, money, queries
 from common.errors import MalformedRequest, ValidationFailed, WalletError
 
 bp = Blueprint("payments", __name__)
 log = logging.getLogger("wallet.api")
 
-STATUSES = ("pending", "completed", "failed")
-
 
 def _request(body: PaymentCreate) -> ledger.PaymentRequest:
     return ledger.PaymentRequest(body.buyer_account_id, body.seller_account_id, body.amount,
-                                 body.currency_id)
+                                 body.currency_id, body.capture_method, body.authorization_expires_in,
+                                 body.reference, body.metadata)
 
 
 @bp.post("/payments")
@@ -51,14 +50,63 @@ def list_payments():
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise MalformedRequest(f"status must be one of {', '.join(STATUSES)}", {"parameter": "status"})
+    reference = request.args.get("reference")
+    if reference is not None and not (1 <= len(reference) <= 128 and reference.isascii()
+                                      and reference.isprintable()):
+        raise MalformedRequest("reference must be 1 to 128 printable ASCII characters",
+                               {"parameter": "reference"})
     w = wallet()
     with w.db.transaction() as session:
         page = queries.list_payments(
             session, after=after, limit=limit, status=status,
             account_id=int_arg("account_id", None, 1, MAX_ID),
-            batch_id=int_arg("batch_id", None, 1, MAX_ID))
+            batch_id=int_arg("batch_id", None, 1, MAX_ID),
+            refund_of=int_arg("refund_of", None, 1, MAX_ID), reference=reference)
     return {"payments": [render.payment(r, w.currencies) for r in page.rows],
             "next_cursor": encode_cursor(page.next_after)}
+
+
+def _canonical_amount(raw: object) -> str | None:
+    if raw is None:
+        return None
+    return money.format_amount(ledger.parse_amount(raw, ledger.WIDEST_CURRENCY))
+
+
+@bp.post("/payments/<id:payment_id>/capture")
+def capture_payment(payment_id: int):
+    body = parse_optional_body(CaptureCreate)
+    w = wallet()
+    key = idempotency_key("capture", lambda: {"payment_id": payment_id, "amount": _canonical_amount(body.amount)})
+    with w.db.transaction() as session:
+        row, _ = ledger.capture_payment(session, w.currencies, payment_id, body.amount, key)
+    return render.payment(row, w.currencies)
+
+
+@bp.post("/payments/<id:payment_id>/cancel")
+def cancel_payment(payment_id: int):
+    parse_optional_body(CancelCreate)
+    w = wallet()
+    key = idempotency_key("cancel", lambda: {"payment_id": payment_id})
+    with w.db.transaction() as session:
+        row, _ = ledger.cancel_payment(session, payment_id, key)
+    return render.payment(row, w.currencies)
+
+
+@bp.post("/payments/<id:payment_id>/refunds")
+def refund_payment(payment_id: int):
+    body = parse_optional_body(RefundCreate)
+    w = wallet()
+    key = idempotency_key("refund", lambda: {
+        "payment_id": payment_id, "reference": body.reference, "metadata": body.metadata,
+        "amount": _canonical_amount(body.amount)})
+    w.admission.admit(1)
+    with w.db.transaction() as session:
+        row, created = ledger.refund_payment(session, w.currencies, payment_id, body.amount,
+                                             body.reference, body.metadata, key)
+    if created:
+        metrics.PAYMENTS_ACCEPTED.labels("refund").inc()
+        w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])
+    return render.payment(row, w.currencies), 202, {"Location": f"/payments/{row['id']}"}
 
 
 @bp.post("/payments/batch")

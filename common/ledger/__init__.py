@@ -8,7 +8,9 @@ nothing else writes balances.
 - idempotency: at most one resource per Idempotency-Key
 - accounts: opening and freezing accounts
 - accepting: validating and recording payments as `pending`
-- applying: the worker's side, moving money (locking discipline in its docstring)
+- applying: the worker's side, moving money or holding it (locking discipline in its docstring)
+- holds: capturing, canceling and expiring authorized payments
+- refunds: refunds as payments of their own, never more than was captured
 - entries: the ledger entries every balance change writes
 - reconciling: the invariants over the whole database
 """
@@ -18,13 +20,16 @@ from common.ledger.accepting import (
 )
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
 from common.ledger.applying import Outcome, apply_atomic_batch, apply_payments
-from common.ledger.currencies import Currencies, Currency, parse_amount
+from common.ledger.currencies import WIDEST_CURRENCY, Currencies, Currency, parse_amount
+from common.ledger.holds import cancel_payment, capture_payment, expire_authorizations
+from common.ledger.refunds import refund_payment
 from common.ledger.idempotency import IdempotencyKey, idempotent
 from common.ledger.reconciling import reconcile
 
 __all__ = [
-    "PAYMENT_COLUMNS", "Currencies", "Currency", "IdempotencyKey", "Outcome", "PaymentRequest",
-    "accept_payment", "apply_atomic_batch", "apply_payments", "batch_refused", "check_payment",
+    "PAYMENT_COLUMNS", "WIDEST_CURRENCY", "Currencies", "Currency", "IdempotencyKey", "Outcome",
+    "PaymentRequest", "accept_payment", "apply_atomic_batch", "apply_payments", "batch_refused",
+    "cancel_payment", "capture_payment", "check_payment", "expire_authorizations", "refund_payment",
     "check_payments", "create_account", "idempotent", "issuance_account_id", "open_account",
     "parse_amount", "payment_problems", "reconcile", "set_account_status", "submit_batch",
     "submit_payment", "submit_payments",

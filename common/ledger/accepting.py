@@ -4,6 +4,7 @@ What is refused here writes nothing; what is accepted is applied later by a work
 (common.ledger.applying)."""
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -18,21 +19,40 @@ from common.errors import CurrencyMismatch, SameAccount, UnknownAccount, Unknown
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, parse_amount
 from common.ledger.idempotency import IdempotencyKey, idempotent
 
+CAPTURE_METHODS = ("automatic", "manual")
+DEFAULT_AUTHORIZATION_SECONDS = 7 * 24 * 3600
+MAX_AUTHORIZATION_SECONDS = 30 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class PaymentRequest:
     buyer_account_id: int
     seller_account_id: int
     amount_raw: object
     currency_id: int | None = None
+    capture_method: str = "automatic"
+    authorization_expires_in: int | None = None  # seconds from acceptance; manual payments only
+    reference: str | None = None
+    metadata: Mapping[str, str] | None = None
+    refund_of: int | None = None  # set by common.ledger.refunds, never by a client
+
+    @property
+    def expires_in_seconds(self) -> int | None:
+        if self.capture_method != "manual":
+            return None
+        return self.authorization_expires_in or DEFAULT_AUTHORIZATION_SECONDS
 
     def canonical(self, amount: Decimal) -> dict[str, Any]:
         return {"buyer_account_id": self.buyer_account_id, "seller_account_id": self.seller_account_id,
-                "amount": money.format_amount(amount), "currency_id": self.currency_id}
+                "amount": money.format_amount(amount), "currency_id": self.currency_id,
+                "capture_method": self.capture_method, "authorization_expires_in": self.expires_in_seconds,
+                "reference": self.reference, "metadata": dict(self.metadata or {})}
 
 
 PAYMENT_COLUMNS = (
     "id, status, buyer_account_id, seller_account_id, amount, currency_id, failure_code, batch_id,"
-    " created_at, completed_at"
+    " created_at, completed_at, capture_method, amount_captured, amount_refunded, refund_of,"
+    " authorization_expires_at, cancellation_reason, reference, metadata"
 )
 
 
@@ -43,6 +63,11 @@ def check_payment(currencies: Currencies, req: PaymentRequest) -> Decimal:
         raise SameAccount("buyer and seller must be different accounts")
     if req.currency_id is not None and req.currency_id not in currencies.by_id:
         raise UnknownCurrency(f"currency_id {req.currency_id} does not exist")
+    if req.capture_method not in CAPTURE_METHODS:
+        raise ValidationFailed("capture_method must be automatic or manual", {"field": "capture_method"})
+    if req.authorization_expires_in is not None and req.capture_method != "manual":
+        raise ValidationFailed("authorization_expires_in is for capture_method manual only",
+                               {"field": "authorization_expires_in"})
     return parse_amount(req.amount_raw, WIDEST_CURRENCY)
 
 
@@ -53,7 +78,7 @@ def submit_payment(session: Session, currencies: Currencies, req: PaymentRequest
     return idempotent(
         session, key, "payment",
         create=lambda: submit_payments(session, currencies, [req])[0],
-        load=lambda payment_id: _payment_rows(session, [payment_id])[0])
+        load=lambda payment_id: payment_rows(session, [payment_id])[0])
 
 
 def accept_payment(db: Database, currencies: Currencies, req: PaymentRequest,
@@ -90,13 +115,13 @@ def submit_batch(session: Session, currencies: Currencies, reqs: Sequence[Paymen
     def load(batch_id: int) -> Mapping[str, Any]:
         ids = session.execute(text("SELECT id FROM payments WHERE batch_id = :id ORDER BY id"),
                               {"id": batch_id}).scalars().all()
-        return {"id": batch_id, "payments": _payment_rows(session, list(ids))}
+        return {"id": batch_id, "payments": payment_rows(session, list(ids))}
 
     batch, created = idempotent(session, key, "batch", create=create, load=load)
     return batch["id"], batch["payments"], created
 
 
-def _payment_rows(session: Session, ids: list[int]) -> list[Mapping[str, Any]]:
+def payment_rows(session: Session, ids: list[int]) -> list[Mapping[str, Any]]:
     return list(session.execute(text(
         f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ANY(:ids) ORDER BY id"
     ), {"ids": ids}).mappings())
@@ -107,14 +132,21 @@ def _payment_rows(session: Session, ids: list[int]) -> list[Mapping[str, Any]]:
 # an equivalence) and scan every account of the currency for each payment.
 _INSERT_PAYMENTS_SQL = (
     "WITH r AS (SELECT * FROM unnest(CAST(:buyers AS bigint[]), CAST(:sellers AS bigint[]),"
-    "                                CAST(:amounts AS numeric[]), CAST(:currencies AS smallint[]))"
-    "           WITH ORDINALITY AS r(buyer, seller, amount, currency_id, n)),"
+    "                                CAST(:amounts AS numeric[]), CAST(:currencies AS smallint[]),"
+    "                                CAST(:methods AS text[]), CAST(:expires AS integer[]),"
+    "                                CAST(:refs AS text[]), CAST(:metas AS text[]),"
+    "                                CAST(:refund_of AS bigint[]))"
+    "           WITH ORDINALITY AS r(buyer, seller, amount, currency_id, capture_method, expires_in,"
+    "                                reference, metadata, refund_of, n)),"
     " known AS MATERIALIZED ("
     "   SELECT a.id, a.currency_id, c.scale FROM accounts a JOIN currencies c ON c.id = a.currency_id"
     "   WHERE a.id = ANY(CAST(:buyers AS bigint[]) || CAST(:sellers AS bigint[]))"
     "     AND a.kind = 'customer')"
-    " INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, batch_id)"
-    " SELECT r.buyer, r.seller, b.currency_id, r.amount, CAST(:batch_id AS bigint)"
+    " INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, batch_id,"
+    "                       capture_method, authorization_expires_at, reference, metadata, refund_of)"
+    " SELECT r.buyer, r.seller, b.currency_id, r.amount, CAST(:batch_id AS bigint),"
+    "        r.capture_method, now() + make_interval(secs => r.expires_in), r.reference,"
+    "        coalesce(r.metadata::jsonb, '{}'::jsonb), r.refund_of"
     " FROM r JOIN known b ON b.id = r.buyer JOIN known s ON s.id = r.seller"
     " WHERE s.currency_id = b.currency_id"
     "   AND (r.currency_id IS NULL OR r.currency_id = b.currency_id)"
@@ -134,6 +166,11 @@ def _insert_params(reqs: Sequence[PaymentRequest], amounts: Sequence[Decimal],
         "sellers": [r.seller_account_id for r in reqs],
         "amounts": amounts,
         "currencies": [r.currency_id for r in reqs],
+        "methods": [r.capture_method for r in reqs],
+        "expires": [r.expires_in_seconds for r in reqs],
+        "refs": [r.reference for r in reqs],
+        "metas": [json.dumps(dict(r.metadata)) if r.metadata else None for r in reqs],
+        "refund_of": [r.refund_of for r in reqs],
     }
 
 

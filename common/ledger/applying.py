@@ -3,10 +3,18 @@
 Locking discipline (what makes concurrent application race-free and deadlock-free):
 payments are locked before accounts, each set in ascending id order, accounts with
 `FOR NO KEY UPDATE` (which does not block the `FOR KEY SHARE` locks that payment inserts take
-through their foreign keys).
+through their foreign keys). Captures, cancels and expiries (common.ledger.holds) lock their
+payments first and then their accounts too; a completed refund also updates its original payment,
+after the accounts, and the refund request (common.ledger.refunds) locks that original without
+waiting for any account lock, so no cycle can form.
+
+A manual payment is applied like any other but moves nothing: its amount joins the buyer's `held`
+(status `authorized`). Every payment, held or not, needs the buyer's available balance
+(`balance - held`).
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
@@ -19,18 +27,23 @@ from common import money
 from common.errors import FailureCode
 from common.ledger.entries import INSERT_ENTRIES, entry_params
 
+
 @dataclass(frozen=True)
 class Outcome:
     payment_id: int
-    failure_code: FailureCode | None  # None: completed
+    failure_code: FailureCode | None  # None: completed, or authorized when `held`
+    held: bool = False  # a manual payment whose amount is now reserved
 
     @property
     def status(self) -> str:
-        return "completed" if self.failure_code is None else "failed"
+        if self.failure_code is not None:
+            return "failed"
+        return "authorized" if self.held else "completed"
 
 
 _LOCK_PENDING = (
-    "SELECT p.id, p.buyer_account_id AS buyer, p.seller_account_id AS seller, p.amount"
+    "SELECT p.id, p.buyer_account_id AS buyer, p.seller_account_id AS seller, p.amount,"
+    " p.capture_method = 'manual' AS manual, p.refund_of"
     " FROM payments p WHERE {where} AND p.status = 'pending'"
     " ORDER BY p.id FOR UPDATE OF p{skip}"
 )
@@ -62,49 +75,105 @@ def apply_atomic_batch(session: Session, batch_id: int) -> list[Outcome]:
     return _apply(session, payments, atomic=True)
 
 
+@dataclass
+class _Accounts:
+    """The locked accounts of one transaction: what they were, and what they become."""
+    rows: Mapping[int, Any]
+    balance: dict[int, Decimal]
+    held: dict[int, Decimal]
+
+    @classmethod
+    def lock(cls, session: Session, account_ids: Sequence[int]) -> "_Accounts":
+        rows = {row.id: row for row in session.execute(text(
+            "SELECT id, balance, held, status FROM accounts WHERE id = ANY(:ids)"
+            " ORDER BY id FOR NO KEY UPDATE"
+        ), {"ids": sorted(account_ids)})}
+        return cls(rows, {i: r.balance for i, r in rows.items()}, {i: r.held for i, r in rows.items()})
+
+    def available(self, account_id: int) -> Decimal:
+        return self.balance[account_id] - self.held[account_id]
+
+    def reset(self) -> None:
+        self.balance = {i: r.balance for i, r in self.rows.items()}
+        self.held = {i: r.held for i, r in self.rows.items()}
+
+    def changed(self) -> list[tuple[int, Decimal, Decimal]]:
+        return [(i, self.balance[i], self.held[i]) for i, r in self.rows.items()
+                if (self.balance[i], self.held[i]) != (r.balance, r.held)]
+
+
 def _apply(session: Session, payments: Sequence[Any], *, atomic: bool) -> list[Outcome]:
     if not payments:
         return []
-    account_ids = sorted({i for p in payments for i in (p.buyer, p.seller)})
-    accounts = {row.id: row for row in session.execute(text(
-        "SELECT id, balance, status FROM accounts WHERE id = ANY(:ids)"
-        " ORDER BY id FOR NO KEY UPDATE"
-    ), {"ids": account_ids})}
-    balances = {i: row.balance for i, row in accounts.items()}
-    outcomes, entries = [], []
+    accounts = _Accounts.lock(session, {i for p in payments for i in (p.buyer, p.seller)})
+    outcomes, entries, refunded = [], [], defaultdict(Decimal)
     with localcontext(money.MONEY_CONTEXT):
         for p in payments:
-            code = _refusal(p, accounts, balances)
-            outcomes.append(Outcome(p.id, code))
-            if code is None:
-                balances[p.buyer] -= p.amount
-                balances[p.seller] += p.amount
-                entries.append((p.buyer, p.id, -p.amount, balances[p.buyer]))
-                entries.append((p.seller, p.id, p.amount, balances[p.seller]))
+            code = _refusal(p, accounts)
+            outcomes.append(Outcome(p.id, code, held=p.manual and code is None))
+            if code is not None:
+                continue
+            if p.manual:  # a hold: reserved now, moved (or released) by capture or cancel
+                accounts.held[p.buyer] += p.amount
+                continue
+            accounts.balance[p.buyer] -= p.amount
+            accounts.balance[p.seller] += p.amount
+            entries.append((p.buyer, p.id, -p.amount, accounts.balance[p.buyer]))
+            entries.append((p.seller, p.id, p.amount, accounts.balance[p.seller]))
+            if p.refund_of is not None:
+                refunded[p.refund_of] += p.amount
     if atomic and any(o.failure_code for o in outcomes):
         outcomes = [Outcome(o.payment_id, o.failure_code or FailureCode.BATCH_FAILED) for o in outcomes]
-        entries, balances = [], {i: row.balance for i, row in accounts.items()}
-    changed = {i: b for i, b in balances.items() if b != accounts[i].balance}
-    # One round trip for all the writes: balances, entries and payment statuses.
-    session.execute(text(
-        "WITH balances AS ("
-        "  UPDATE accounts a SET balance = v.balance, updated_at = now()"
-        "  FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric[])) AS v(id, balance)"
-        "  WHERE a.id = v.id RETURNING 1),"
-        f" entries AS ({INSERT_ENTRIES} RETURNING 1)"
-        " UPDATE payments p SET status = v.status, failure_code = v.code, completed_at = now()"
-        " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:codes AS text[]))"
-        "      AS v(id, status, code)"
-        " WHERE p.id = v.id"
-    ), {"account_ids": list(changed), "balances": list(changed.values()), **entry_params(entries),
-        "ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
-        "codes": [o.failure_code and str(o.failure_code) for o in outcomes]})
+        entries, refunded = [], {}
+        accounts.reset()
+    _write(session, accounts.changed(), entries, outcomes, refunded)
     return outcomes
 
 
-def _refusal(p: Any, accounts: Mapping[int, Any], balances: Mapping[int, Decimal]) -> FailureCode | None:
-    if accounts[p.buyer].status != "active" or accounts[p.seller].status != "active":
+# One round trip for all the writes: balances and holds, entries, payment statuses.
+_WRITE = (
+    "WITH balances AS ("
+    "  UPDATE accounts a SET balance = v.balance, held = v.held, updated_at = now()"
+    "  FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric[]),"
+    "              CAST(:helds AS numeric[])) AS v(id, balance, held)"
+    "  WHERE a.id = v.id RETURNING 1),"
+    f" entries AS ({INSERT_ENTRIES} RETURNING 1){{refunds}}"
+    " UPDATE payments p SET status = v.status, failure_code = v.code,"
+    "   completed_at = CASE WHEN v.status = 'authorized' THEN NULL ELSE now() END,"
+    "   amount_captured = CASE WHEN v.status = 'completed' THEN p.amount END"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:codes AS text[]))"
+    "      AS v(id, status, code)"
+    " WHERE p.id = v.id"
+)
+# Only when refunds completed: the originals' amount_refunded grows (they are completed, so never
+# among the pending payments this statement updates).
+_REFUNDS = (
+    ", refunds AS ("
+    "  UPDATE payments o SET amount_refunded = o.amount_refunded + v.amount"
+    "  FROM unnest(CAST(:originals AS bigint[]), CAST(:refunded AS numeric[])) AS v(id, amount)"
+    "  WHERE o.id = v.id RETURNING 1)"
+)
+_WRITE_PLAIN = text(_WRITE.format(refunds=""))
+_WRITE_WITH_REFUNDS = text(_WRITE.format(refunds=_REFUNDS))
+
+
+def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], entries: Sequence[tuple],
+           outcomes: Sequence[Outcome], refunded: Mapping[int, Decimal]) -> None:
+    account_ids, balances, helds = (list(c) for c in zip(*changed)) if changed else ([], [], [])
+    params = {"account_ids": account_ids, "balances": balances, "helds": helds, **entry_params(entries),
+              "ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
+              "codes": [o.failure_code and str(o.failure_code) for o in outcomes]}
+    if refunded:
+        session.execute(_WRITE_WITH_REFUNDS, {**params, "originals": list(refunded),
+                                              "refunded": list(refunded.values())})
+    else:
+        session.execute(_WRITE_PLAIN, params)
+
+
+def _refusal(p: Any, accounts: _Accounts) -> FailureCode | None:
+    rows = accounts.rows
+    if rows[p.buyer].status != "active" or rows[p.seller].status != "active":
         return FailureCode.ACCOUNT_FROZEN
-    if balances[p.buyer] < p.amount:
+    if accounts.available(p.buyer) < p.amount:
         return FailureCode.INSUFFICIENT_FUNDS
     return None

@@ -5,7 +5,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 def reconcile(session: Session) -> list[str]:
-    """Check invariants 1-3 (and the entry/payment correspondence); returns the violations."""
+    """Check invariants 1-3, the holds and refunds (SPEC 9), and the entry/payment correspondence;
+    returns the violations."""
     problems = []
     for row in session.execute(text(
         "SELECT c.code, sum(a.balance) AS total FROM accounts a JOIN currencies c ON c.id = a.currency_id"
@@ -24,9 +25,36 @@ def reconcile(session: Session) -> list[str]:
     )):
         problems.append(f"account {row.id}: balance {row.balance} but its entries sum to {row.entries}")
     for row in session.execute(text(
-        "SELECT p.id, p.status, count(e.id) AS entries FROM payments p"
+        "SELECT id, balance, held FROM accounts WHERE kind = 'customer' AND balance - held < 0"
+    )):
+        problems.append(f"account {row.id}: available balance {row.balance - row.held} is negative")
+    for row in session.execute(text(
+        "SELECT a.id, a.held, coalesce(h.total, 0) AS authorized FROM accounts a"
+        " LEFT JOIN (SELECT buyer_account_id AS id, sum(amount) AS total FROM payments"
+        "            WHERE status = 'authorized' GROUP BY buyer_account_id) h ON h.id = a.id"
+        " WHERE a.held <> coalesce(h.total, 0)"
+    )):
+        problems.append(f"account {row.id}: held {row.held} but its authorized payments sum to {row.authorized}")
+    # A completed payment has two entries moving its captured amount; any other payment has none.
+    for row in session.execute(text(
+        "SELECT p.id, p.status, count(e.id) AS entries, coalesce(sum(e.amount) FILTER (WHERE e.amount > 0), 0) AS moved,"
+        " p.amount_captured FROM payments p"
         " LEFT JOIN ledger_entries e ON e.payment_id = p.id GROUP BY p.id, p.status"
         " HAVING count(e.id) <> CASE WHEN p.status = 'completed' THEN 2 ELSE 0 END"
+        "   OR coalesce(sum(e.amount), 0) <> 0"
+        "   OR coalesce(sum(e.amount) FILTER (WHERE e.amount > 0), 0) <> coalesce(p.amount_captured, 0)"
     )):
-        problems.append(f"payment {row.id}: {row.status} with {row.entries} ledger entries")
+        problems.append(f"payment {row.id}: {row.status}, captured {row.amount_captured}, with {row.entries}"
+                        f" ledger entries moving {row.moved}")
+    for row in session.execute(text(
+        "SELECT o.id, o.amount_captured, o.amount_refunded,"
+        " coalesce(sum(r.amount) FILTER (WHERE r.status <> 'failed'), 0) AS claimed,"
+        " coalesce(sum(r.amount) FILTER (WHERE r.status = 'completed'), 0) AS completed"
+        " FROM payments o LEFT JOIN payments r ON r.refund_of = o.id"
+        " GROUP BY o.id"
+        " HAVING coalesce(sum(r.amount) FILTER (WHERE r.status <> 'failed'), 0) > coalesce(o.amount_captured, 0)"
+        "   OR coalesce(sum(r.amount) FILTER (WHERE r.status = 'completed'), 0) <> o.amount_refunded"
+    )):
+        problems.append(f"payment {row.id}: captured {row.amount_captured}, refunds claim {row.claimed},"
+                        f" completed refunds {row.completed} but amount_refunded {row.amount_refunded}")
     return problems

@@ -21,7 +21,8 @@ def test_create_by_currency_id_defaults_to_zero(client):
     assert response.status_code == 201
     account = response.get_json()
     assert response.headers["Location"] == f"/accounts/{account['id']}"
-    assert set(account) == {"id", "name", "currency_id", "currency", "balance", "status", "created_at"}
+    assert set(account) == {"id", "name", "currency_id", "currency", "balance", "held", "available",
+                            "status", "metadata", "created_at"}
     assert (account["name"], account["currency_id"], account["currency"], account["balance"],
             account["status"]) == ("alice", 1, "USD", "0", "active")
     assert isinstance(account["id"], int) and account["id"] > 0

@@ -58,7 +58,7 @@ def test_batch_completes_and_counts(client, worker):
                                                  "atomic": False}).get_json()
     done = wait_finished(client, batch["batch_id"])
     assert done == {**done, "id": batch["batch_id"], "atomic": False, "total": 3, "finished": True,
-                    "counts": {"pending": 0, "completed": 2, "failed": 1}}
+                    "counts": {"pending": 0, "completed": 2, "failed": 1, "authorized": 0, "canceled": 0}}
     statuses = [client.get(f"/payments/{p['id']}").get_json() for p in batch["payments"]]
     # each on its own merits, in order: the third finds 2 left
     assert [(p["status"], p["failure_code"]) for p in statuses] == [
@@ -115,7 +115,7 @@ def test_atomic_batch_with_one_failure_changes_nothing(client, worker, db):
     batch = response.get_json()
     assert batch["atomic"] is True
     done = wait_finished(client, batch["batch_id"])
-    assert done["counts"] == {"pending": 0, "completed": 0, "failed": 4} and done["atomic"] is True
+    assert done["counts"] == {"pending": 0, "completed": 0, "failed": 4, "authorized": 0, "canceled": 0} and done["atomic"] is True
     outcomes = [client.get(f"/payments/{p['id']}").get_json() for p in batch["payments"]]
     assert [(p["status"], p["failure_code"]) for p in outcomes] == [
         ("failed", "batch_failed"), ("failed", "batch_failed"), ("failed", "insufficient_funds"),
@@ -130,7 +130,7 @@ def test_atomic_chain_completes(client, worker):
     items = [item(a, b, "60"), item(b, c, "60"), item(c, a, "0.5")]
     batch = client.post("/payments/batch", json={"payments": items, "atomic": True}).get_json()
     done = wait_finished(client, batch["batch_id"])
-    assert done["counts"] == {"pending": 0, "completed": 3, "failed": 0}
+    assert done["counts"] == {"pending": 0, "completed": 3, "failed": 0, "authorized": 0, "canceled": 0}
     assert balances(client, a, b, c) == ["40.5", "0", "59.5"]
     entries = client.get(f"/accounts/{b['id']}/entries").get_json()["entries"]
     assert [(e["amount"], e["balance_after"]) for e in entries] == [("-60", "0"), ("60", "60")]

@@ -74,7 +74,8 @@ def test_reconcile_reports_corruption(own):
 
     with db.transaction() as s:  # a negative balance, with the totals and entries made to agree
         # the schema refuses negative balances itself: drop that guard in this throw-away database
-        s.execute(text("ALTER TABLE accounts DROP CONSTRAINT accounts_customer_balance_nonnegative"))
+        s.execute(text("ALTER TABLE accounts DROP CONSTRAINT accounts_customer_balance_nonnegative,"
+                       " DROP CONSTRAINT accounts_customer_available_nonnegative"))
         s.execute(text("UPDATE accounts SET balance = balance - 1 WHERE id = :id"), {"id": a["id"]})
         s.execute(text("UPDATE accounts SET balance = -5 WHERE id = :id"), {"id": b["id"]})
         s.execute(text("UPDATE ledger_entries SET amount = amount - 85 WHERE account_id = :id"
@@ -84,8 +85,9 @@ def test_reconcile_reports_corruption(own):
                        " AND id = (SELECT min(id) FROM ledger_entries WHERE account_id = -1)"))
     result = flask(env, "reconcile")
     assert result.returncode != 0
-    assert "RECONCILE FAILED: 1 violation(s)" in result.stderr, result.stderr
+    assert "RECONCILE FAILED: 2 violation(s)" in result.stderr, result.stderr
     assert f"account {b['id']}: negative balance -5" in result.stderr
+    assert f"account {b['id']}: available balance -5 is negative" in result.stderr
 
 
 def test_reconcile_reports_payment_without_entries(own):
@@ -93,10 +95,10 @@ def test_reconcile_reports_payment_without_entries(own):
     a, b = open_account(client, "10", name="p1"), open_account(client, name="p2")
     payment = pay(client, a["id"], b["id"], "1")
     with db.transaction() as s:
-        s.execute(text("UPDATE payments SET status = 'completed', completed_at = now() WHERE id = :id"), {"id": payment["id"]})
+        s.execute(text("UPDATE payments SET status = 'completed', amount_captured = amount, completed_at = now() WHERE id = :id"), {"id": payment["id"]})
     result = flask(env, "reconcile")
     assert result.returncode != 0
-    assert f"payment {payment['id']}: completed with 0 ledger entries" in result.stderr
+    assert f"payment {payment['id']}: completed, captured 1, with 0 ledger entries" in result.stderr
 
 
 def test_api_key_create_authenticates(fresh_database_url, broker_url):

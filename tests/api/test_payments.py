@@ -27,7 +27,9 @@ def test_accept_is_202_pending_with_location(client):
     payment = response.get_json()
     assert response.headers["Location"] == f"/payments/{payment['id']}"
     assert set(payment) == {"id", "status", "buyer_account_id", "seller_account_id", "amount", "currency_id",
-                            "currency", "failure_code", "batch_id", "created_at", "completed_at"}
+                            "currency", "failure_code", "batch_id", "created_at", "completed_at",
+                            "capture_method", "amount_captured", "amount_refunded", "refund_of",
+                            "authorization_expires_at", "cancellation_reason", "reference", "metadata"}
     assert (payment["status"], payment["amount"], payment["buyer_account_id"], payment["seller_account_id"],
             payment["currency_id"], payment["currency"], payment["failure_code"], payment["batch_id"]) == (
         "pending", "500.1", a["id"], b["id"], 1, "USD", None, None)

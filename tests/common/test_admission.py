@@ -61,5 +61,5 @@ def test_rereads_before_refusing(own_db):
     admission = Admission(own_db, max_pending=4, refresh_s=3600, recheck_s=0)
     admission.admit(1)  # reads 3: 4 by its own count, which admitting one more would exceed
     with own_db.transaction() as s:  # the backlog drains
-        s.execute(text("UPDATE payments SET status = 'completed', completed_at = now()"))
+        s.execute(text("UPDATE payments SET status = 'completed', amount_captured = amount, completed_at = now()"))
     admission.admit(1)  # about to refuse on its stale count, it reads again: 0 pending

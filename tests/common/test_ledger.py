@@ -164,7 +164,7 @@ def test_reconcile_reports_violations(session, currencies):
 
 def test_database_refuses_negative_customer_balance(session, currencies):
     account = open_(session, currencies, "1")
-    with pytest.raises(Exception, match="accounts_customer_balance_nonnegative"):
+    with pytest.raises(Exception, match="accounts_customer_(balance|available)_nonnegative"):
         with session.begin_nested():
             session.execute(text("UPDATE accounts SET balance = -1 WHERE id = :id"), {"id": account})
 

@@ -25,10 +25,11 @@ def _fill(session):
         " SELECT 1000000 + g, 'bulk', 1, 0 FROM generate_series(1, 1000) g"))
     session.execute(text(
         "INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, status,"
-        "                      failure_code, completed_at)"
+        "                      failure_code, completed_at, amount_captured)"
         " SELECT 1000000 + 1 + g % 1000, 1000000 + 1 + (g + 1) % 1000, 1, 1,"
         "        CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'completed' END,"
-        "        CASE WHEN g % 10 = 0 THEN 'insufficient_funds' END, now()"
+        "        CASE WHEN g % 10 = 0 THEN 'insufficient_funds' END, now(),"
+        "        CASE WHEN g % 10 = 0 THEN NULL ELSE 1 END"
         " FROM generate_series(1, 50000) g"))
     session.execute(text("ANALYZE payments"))
     session.execute(text("ANALYZE accounts"))
