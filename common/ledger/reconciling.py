@@ -47,13 +47,15 @@ def reconcile(session: Session) -> list[str]:
         problems.append(f"payment {row.id}: {row.status}, captured {row.amount_captured}, with {row.entries}"
                         f" ledger entries moving {row.moved}")
     for row in session.execute(text(
-        "SELECT o.id, o.amount_captured, o.amount_refunded,"
-        " coalesce(sum(r.amount) FILTER (WHERE r.status <> 'failed'), 0) AS claimed,"
-        " coalesce(sum(r.amount) FILTER (WHERE r.status = 'completed'), 0) AS completed"
-        " FROM payments o LEFT JOIN payments r ON r.refund_of = o.id"
-        " GROUP BY o.id"
-        " HAVING coalesce(sum(r.amount) FILTER (WHERE r.status <> 'failed'), 0) > coalesce(o.amount_captured, 0)"
-        "   OR coalesce(sum(r.amount) FILTER (WHERE r.status = 'completed'), 0) <> o.amount_refunded"
+        "SELECT o.id, o.amount_captured, o.amount_refunded, coalesce(r.claimed, 0) AS claimed,"
+        " coalesce(r.completed, 0) AS completed"
+        " FROM payments o LEFT JOIN ("
+        "   SELECT refund_of, sum(amount) FILTER (WHERE status <> 'failed') AS claimed,"
+        "          sum(amount) FILTER (WHERE status = 'completed') AS completed"
+        "   FROM payments WHERE refund_of IS NOT NULL GROUP BY refund_of) r ON r.refund_of = o.id"
+        " WHERE (r.refund_of IS NOT NULL OR o.amount_refunded <> 0)"
+        "   AND (coalesce(r.claimed, 0) > coalesce(o.amount_captured, 0)"
+        "        OR coalesce(r.completed, 0) <> o.amount_refunded)"
     )):
         problems.append(f"payment {row.id}: captured {row.amount_captured}, refunds claim {row.claimed},"
                         f" completed refunds {row.completed} but amount_refunded {row.amount_refunded}")
