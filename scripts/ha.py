@@ -230,6 +230,15 @@ class Cluster:
     def patronictl(self) -> list[str]:
         return [str(self.venv / "bin" / "patronictl"), "-c", str(self.nodes[0].config)]
 
+    def banner(self) -> str:
+        """Lines for `make run`'s banner."""
+        def rel(path: Path) -> str:
+            return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+        nodes = ", ".join(f"{n.name} :{n.pg_port} (REST :{n.rest_port})" for n in self.nodes)
+        return (f"  Cluster    Patroni {nodes}; etcd :{self.etcd_port}\n"
+                f"             synchronous_mode_strict; nodes in {rel(self.root / 'nodes.json')}\n"
+                f"  Check      {rel(self.venv / 'bin' / 'patronictl')} -c {rel(self.nodes[0].config)} list\n")
+
     # -- start
 
     def start(self, timeout_s: float = 120) -> str:
