@@ -15,6 +15,7 @@ real Celery worker and beat; the API and the worker reach PostgreSQL through one
 """
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import threading
@@ -214,6 +215,9 @@ def test_failover_and_switchover_under_load(cluster, services, tmp_path):
             print(f"rejoin: {old.name} streaming from {new.name} {time.monotonic() - t_back:.1f}s"
                   f" after its restart")
             assert not old.is_primary() and cluster.primary() is new
+            listed = {n["name"]: n for n in json.loads((cluster.root / "nodes.json").read_text())}
+            assert listed[old.name]["patroni_pid"] == old.patroni_pid  # the restarted Patroni
+            assert set(listed) == {n.name for n in cluster.nodes}
 
             # 3. A planned switchover under the same load: 503s at most.
             wait_until(lambda: _sync_standby(cluster), 60, "a synchronous standby")
