@@ -226,6 +226,30 @@ class Cluster:
     def node_url(self, node: Node, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{node.pg_port}/{database}"
 
+    def create_database(self, name: str, timeout_s: float = 60) -> str:
+        """CREATE DATABASE on the primary, and wait until every running node has replayed it:
+        libpq tries the next host of a multi-host URL only when a host cannot be reached, so
+        a replica without the database (a FATAL at connect) would fail the whole connection."""
+        from sqlalchemy import create_engine, text
+
+        from common.settings import sqlalchemy_url
+        from scripts.services import create_database
+        create_database(self.url(), name)
+
+        def has_it(node: Node) -> bool:
+            engine = create_engine(sqlalchemy_url(self.node_url(node)), connect_args={"connect_timeout": 2})
+            try:
+                with engine.connect() as conn:
+                    return conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                        {"n": name}).first() is not None
+            except Exception:
+                return False
+            finally:
+                engine.dispose()
+        wait_until(lambda: all(has_it(n) for n in self.nodes if n.patroni_pid), timeout_s,
+                   f"database {name} on every node", interval_s=0.1)
+        return self.url(name)
+
     @property
     def patronictl(self) -> list[str]:
         return [str(self.venv / "bin" / "patronictl"), "-c", str(self.nodes[0].config)]

@@ -48,8 +48,7 @@ def main(cluster=None) -> int:
             server_url = cluster.start()
             services = ensure_services(VAR, env={**os.environ, "DATABASE_URL": server_url},
                                        redis_port=redis_port)
-            create_database(server_url, "wallet")
-            database_url = cluster.url("wallet")
+            database_url = cluster.create_database("wallet")
         return _run(services, procs, database_url, cluster.banner() if cluster else "")
     except KeyboardInterrupt:
         print("stopping...", flush=True)

@@ -163,8 +163,7 @@ def test_failover_and_switchover_under_load(cluster, services, tmp_path):
     logs = tmp_path / "logs"
     broker = f"{services.redis_url.rsplit('/', 1)[0]}/{REDIS_DB}"
     redis.Redis.from_url(broker).flushdb()
-    svc.create_database(cluster.url(), "wallet")
-    url = cluster.url("wallet")
+    url = cluster.create_database("wallet")
     svc.migrate(url)
     db = Database(make_settings(url, broker))
     env = make_env(url, broker)
