@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench migrate reconcile clean
+.PHONY: install run run-ha test test-fast bench migrate reconcile clean
 
 install: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): requirements/base.txt requirements/dev.txt
 ## then the API on :8080, workers, beat and Flower on :5555.
 run: install
 	$(BIN)/python -m scripts.run
+
+## `make run` on three Patroni-managed PostgreSQL nodes over etcd (installed from requirements/ha.txt
+## into var/ha/venv on first use; data under var/ha/). See README, "High availability".
+run-ha: install
+	$(BIN)/python -m scripts.run_ha
 
 ## The whole test suite against real PostgreSQL, Redis, gunicorn and Celery workers.
 test: install

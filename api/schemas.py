@@ -204,6 +204,13 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class ReadyDatabase(BaseModel):
+    address: str | None = Field(description="inet_server_addr() of the server reached (null over a unix socket)")
+    port: int | None
+    primary: bool = Field(description="not pg_is_in_recovery(): the server takes writes")
+
+
 class Ready(BaseModel):
     status: Literal["ready"]
     checks: dict[str, bool]
+    database: ReadyDatabase

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import psycopg2
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +24,10 @@ T = TypeVar("T")
 
 # SQLSTATEs that mean "the same transaction may well succeed if run again".
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+# The server we are connected to no longer takes writes: a primary demoted to a replica
+# (read_only_sql_transaction). Like a disconnect: drop the connection and find the new primary
+# (the URL's target_session_attrs=read-write is checked only when a connection opens).
+DEMOTED_SQLSTATES = {"25006"}
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -32,10 +36,17 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """The database could not be reached (as opposed to refusing what we asked)."""
+    """The database could not be reached (as opposed to refusing what we asked), or the server
+    reached is no longer the primary."""
     if isinstance(exc, OperationalError) and not is_retryable(exc):
         return True
+    if isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) in DEMOTED_SQLSTATES:
+        return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _demoted(exc: BaseException) -> bool:
+    return getattr(exc, "pgcode", None) in DEMOTED_SQLSTATES
 
 
 class Prepared:
@@ -92,6 +103,9 @@ class Database:
                 "application_name": "wallet",
             },
         )
+        # A demoted server counts as a disconnect: SQLAlchemy then invalidates the connection and
+        # the whole pool (every connection opened before it goes to the same, old, primary).
+        event.listen(self.engine, "handle_error", _demoted_is_disconnect)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.contextmanager
@@ -131,9 +145,11 @@ class Database:
             names = [column.name for column in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
         except psycopg2.Error as exc:
-            disconnected = self.engine.dialect.is_disconnect(exc, dbapi, cursor)
+            disconnected = self.engine.dialect.is_disconnect(exc, dbapi, cursor) or _demoted(exc)
             if disconnected:
-                conn.invalidate(exc)
+                # As SQLAlchemy does on a disconnect in its own paths: this connection is closed,
+                # and the pool's older ones (opened to the same server) are replaced at checkout.
+                self.engine.pool._invalidate(conn, exc)
             raise DBAPIError.instance(statement.execute_sql, params, exc, psycopg2.Error,
                                       connection_invalidated=disconnected) from exc
         finally:
@@ -145,5 +161,17 @@ class Database:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    def server(self) -> dict[str, Any]:
+        """Which server this process's connections reach, and whether it is the primary."""
+        with self.engine.connect() as conn:
+            row = conn.execute(text("SELECT host(inet_server_addr()) AS address, inet_server_port() AS port,"
+                                    " NOT pg_is_in_recovery() AS primary")).one()
+        return dict(row._mapping)
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _demoted_is_disconnect(context) -> None:
+    if _demoted(context.original_exception):
+        context.is_disconnect = True

@@ -9,14 +9,23 @@ import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 
 def sqlalchemy_url(url: str) -> str:
-    """Pin the psycopg2 driver: SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3."""
+    """Pin the psycopg2 driver: SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3.
+
+    libpq's multi-host form (`postgresql://u@h1:p1,h2:p2/db?target_session_attrs=read-write`, for a
+    replicated cluster) becomes SQLAlchemy's, which takes the hosts as repeated `?host=h:p`
+    (it refuses the comma list in the netloc); psycopg2 then gets libpq's host and port lists."""
     parts = urlsplit(url)
     if parts.scheme in ("postgres", "postgresql"):
         parts = parts._replace(scheme="postgresql+psycopg2")
+    if parts.scheme.startswith("postgresql") and "," in parts.netloc:
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        query = "&".join([f"host={quote(h, safe=':[]')}" for h in hosts.split(",")]
+                         + ([parts.query] if parts.query else []))
+        parts = parts._replace(netloc=userinfo + at, query=query)
     return urlunsplit(parts)
 
 

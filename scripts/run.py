@@ -32,14 +32,24 @@ def dev_secret(name: str, make) -> str:
     return path.read_text().strip()
 
 
-def main() -> int:
+def main(cluster=None) -> int:
+    """`cluster` (`make run-ha`): a scripts.ha.Cluster to run on instead of one PostgreSQL."""
     # SIGTERM stops everything like Ctrl-C does, from the first moment: no orphans.
     signal.signal(signal.SIGTERM, _interrupt)
     VAR.mkdir(exist_ok=True)
-    services = ensure_services(VAR, redis_port=int(os.environ.get("WALLET_REDIS_PORT", "6390")))
+    redis_port = int(os.environ.get("WALLET_REDIS_PORT", "6390"))
+    services = None
     procs: dict[str, subprocess.Popen] = {}
     try:
-        return _run(services, procs)
+        if cluster is None:
+            services = ensure_services(VAR, redis_port=redis_port)
+            database_url = os.environ.get("DATABASE_URL") or create_database(services.database_url, "wallet")
+        else:
+            server_url = cluster.start()
+            services = ensure_services(VAR, env={**os.environ, "DATABASE_URL": server_url},
+                                       redis_port=redis_port)
+            database_url = cluster.create_database("wallet")
+        return _run(services, procs, database_url, cluster.banner() if cluster else "")
     except KeyboardInterrupt:
         print("stopping...", flush=True)
         return 0
@@ -52,15 +62,17 @@ def main() -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        services.stop()
+        if services:
+            services.stop()
+        if cluster:
+            cluster.stop()
 
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def _run(services, procs: dict[str, subprocess.Popen]) -> int:
-    database_url = os.environ.get("DATABASE_URL") or create_database(services.database_url, "wallet")
+def _run(services, procs: dict[str, subprocess.Popen], database_url: str, more_banner: str = "") -> int:
     migrate(database_url)
 
     api_key = os.environ.get("WALLET_API_KEYS", "").split(",")[0] or \
@@ -102,7 +114,7 @@ Wallet service is running.
   Broker     {services.redis_url}
   Logs       {logs}/{{api,worker,beat,flower}}.log
   Operators  make reconcile   (reads var/env: DATABASE_URL, REDIS_URL)
-Press Ctrl-C to stop.
+{more_banner}Press Ctrl-C to stop.
 """, flush=True)
     while True:
         for name, proc in procs.items():

@@ -115,9 +115,11 @@ def ensure_services(var_dir: Path, env: dict[str, str] | None = None,
 
 
 def with_database(server_url: str, name: str) -> str:
-    """The same server, another database (the URL may carry ?host=/socket/dir)."""
+    """The same server, another database (the URL may carry ?host=/socket/dir, or be libpq's
+    multi-host form, which comes back in SQLAlchemy's)."""
     from sqlalchemy.engine import make_url
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    from common.settings import sqlalchemy_url
+    return make_url(sqlalchemy_url(server_url)).set(database=name).render_as_string(hide_password=False)
 
 
 def create_database(server_url: str, name: str, *, drop_first: bool = False) -> str:

@@ -17,11 +17,13 @@ def health():
 @bp.get("/ready")
 def ready():
     w = wallet()
-    checks = {"database": _check(w.db.ping), "broker": _check(lambda: _ping_broker(w))}
+    node = {}  # the PostgreSQL server this process reaches: with a cluster, which node, primary?
+    checks = {"database": _check(lambda: node.update(w.db.server())),
+              "broker": _check(lambda: _ping_broker(w))}
     down = [name for name, ok in checks.items() if not ok]
     if down:
         return error_response(503, "not_ready", f"unreachable: {', '.join(down)}", {"checks": checks})
-    return {"status": "ready", "checks": checks}
+    return {"status": "ready", "checks": checks, "database": node}
 
 
 def _check(probe) -> bool:

@@ -27,3 +27,9 @@ def test_names_the_database_when_it_is_down(broker_url):
     assert status == 503
     assert "database" in body["error"]["message"] and "broker" not in body["error"]["message"]
     assert body["error"]["details"]["checks"] == {"database": False, "broker": True}
+
+
+def test_names_the_database_server_it_reaches(settings):
+    status, body = ready(settings)
+    assert status == 200 and body["database"]["primary"] is True
+    assert set(body["database"]) == {"address", "port", "primary"}
