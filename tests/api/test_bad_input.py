@@ -9,6 +9,9 @@ from string import Template
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from sqlalchemy import text as sql
+
+from common import ledger
 from tests.api.conftest import assert_error
 from tests.conftest import AUTH
 
@@ -16,8 +19,10 @@ MAX_ID = 2**63 - 1
 
 
 @pytest.fixture(scope="module")
-def ids(app) -> dict[str, int]:
-    """Accounts the cases refer to as $usd1, $usd2, $eur, $btc, $frozen (balances set up once)."""
+def ids(app, db) -> dict[str, int]:
+    """Accounts the cases refer to as $usd1, $usd2, $eur, $btc, $frozen (balances set up once),
+    and payments in each lifecycle state: $authorized, $completed, $failed, $canceled, $refund
+    (a completed refund of $completed), $capture_done (a captured manual payment)."""
     c = app.test_client()
     made = {}
     for name, body in {
@@ -26,11 +31,71 @@ def ids(app) -> dict[str, int]:
         "eur": {"name": "bad-eur", "currency": "EUR", "amount": "1000"},
         "btc": {"name": "bad-btc", "currency": "BTC", "amount": "1"},
         "btc2": {"name": "bad-btc2", "currency": "BTC"},
+        "lcbuyer": {"name": "bad-lc-buyer", "currency": "USD", "amount": "1000"},
+        "lcseller": {"name": "bad-lc-seller", "currency": "USD", "amount": "1000"},
     }.items():
         r = c.post("/accounts", json=body, headers=AUTH)
         assert r.status_code == 201, r.get_data(as_text=True)
         made[name] = r.get_json()["id"]
+    made.update(lifecycle_payments(c, db, made["lcbuyer"], made["lcseller"]))
     return made
+
+
+def applied(client, db, body: dict, status: str) -> int:
+    """POST /payments, then apply it as a worker does (the ledger's own function, in a
+    transaction of its own); returns its id once it is `status`."""
+    r = client.post("/payments", json=body, headers=AUTH)
+    assert r.status_code == 202, r.get_data(as_text=True)
+    pid = r.get_json()["id"]
+    with db.transaction() as s:
+        ledger.apply_payments(s, [pid])  # a worker that got the message first makes this a no-op
+    got = client.get(f"/payments/{pid}", headers=AUTH).get_json()
+    assert got["status"] == status, got
+    return pid
+
+
+def lifecycle_payments(client, db, buyer: int, seller: int) -> dict[str, int]:
+    pay_ = {"buyer_account_id": buyer, "seller_account_id": seller}
+    made = {
+        "authorized": applied(client, db, {**pay_, "amount": "10", "capture_method": "manual"}, "authorized"),
+        "completed": applied(client, db, {**pay_, "amount": "10"}, "completed"),
+        "failed": applied(client, db, {**pay_, "amount": "5000", "capture_method": "manual"}, "failed"),
+        "canceled": applied(client, db, {**pay_, "amount": "1", "capture_method": "manual"}, "authorized"),
+        "capture_done": applied(client, db, {**pay_, "amount": "2", "capture_method": "manual"}, "authorized"),
+    }
+    r = client.post(f"/payments/{made['canceled']}/cancel", headers=AUTH)
+    assert r.status_code == 200 and r.get_json()["status"] == "canceled", r.get_data(as_text=True)
+    r = client.post(f"/payments/{made['capture_done']}/capture", json={"amount": "1.5"}, headers=AUTH)
+    assert r.status_code == 200 and r.get_json()["status"] == "completed", r.get_data(as_text=True)
+    r = client.post(f"/payments/{made['completed']}/refunds", json={"amount": "4"}, headers=AUTH)
+    assert r.status_code == 202, r.get_data(as_text=True)
+    made["refund"] = r.get_json()["id"]
+    with db.transaction() as s:
+        ledger.apply_payments(s, [made["refund"]])
+    assert client.get(f"/payments/{made['refund']}", headers=AUTH).get_json()["status"] == "completed"
+    return made
+
+
+@pytest.fixture
+def lifecycle_unchanged(db, ids):
+    """Asserts, after the test, that the lifecycle payments and their accounts did not change
+    (a refused capture, cancel or refund moves nothing, releases nothing)."""
+    def snapshot():
+        with db.transaction() as s:
+            payments = s.execute(sql(
+                "SELECT id, status, amount_captured, amount_refunded, cancellation_reason, completed_at"
+                " FROM payments WHERE id = ANY(:ids) ORDER BY id"),
+                {"ids": [ids[k] for k in LIFECYCLE_PAYMENTS]}).all()
+            accounts = s.execute(sql(
+                "SELECT id, balance, held, status FROM accounts WHERE id = ANY(:ids) ORDER BY id"),
+                {"ids": [ids["lcbuyer"], ids["lcseller"]]}).all()
+        return payments, accounts
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a refused request changed a payment or an account"
+
+
+LIFECYCLE_PAYMENTS = ("authorized", "completed", "failed", "canceled", "capture_done", "refund")
 
 
 def call(client, method: str, path: str, body: bytes | None = None, headers=None):
@@ -161,6 +226,184 @@ for name, body, status, code in [
     ("amount-nul-string", pay('"1\\u0000"'), 422, "invalid_amount"),
 ]:
     CASES.append(case(f"POST {P} {name}", "POST", P, body, status, code))
+
+# --- lifecycle fields (SPEC 9): POST /payments, each batch item, POST /accounts' metadata -------
+def meta(value: str) -> str:
+    return ', "metadata": ' + value
+
+
+def many_keys(n: int) -> str:
+    return "{" + ", ".join(f'"k{i}": "v"' for i in range(n)) + "}"
+
+
+BAD_METADATA = {
+    "metadata-string": '"x"',
+    "metadata-list": '[]',
+    "metadata-list-of-pairs": '[["k", "v"]]',
+    "metadata-number": "5",
+    "metadata-bool": "true",
+    "metadata-21-keys": many_keys(21),
+    "metadata-key-empty": '{"": "v"}',
+    "metadata-key-41-chars": '{"' + "k" * 41 + '": "v"}',
+    "metadata-key-space": '{"a b": "v"}',
+    "metadata-key-non-ascii": '{"cl\\u00e9": "v"}',
+    "metadata-key-slash": '{"a/b": "v"}',
+    "metadata-key-trailing-newline": '{"ab\\n": "v"}',
+    "metadata-key-nul": '{"a\\u0000": "v"}',
+    "metadata-value-number": '{"k": 5}',
+    "metadata-value-null": '{"k": null}',
+    "metadata-value-object": '{"k": {}}',
+    "metadata-value-list": '{"k": ["v"]}',
+    "metadata-value-bool": '{"k": false}',
+    "metadata-value-501-chars": '{"k": "' + "v" * 501 + '"}',
+    "metadata-value-nul": '{"k": "a\\u0000b"}',
+    "metadata-value-lone-surrogate": '{"k": "a\\ud800b"}',
+}
+BAD_REFERENCE = {
+    "reference-empty": '""',
+    "reference-129-chars": '"' + "r" * 129 + '"',
+    "reference-non-ascii": '"caf\\u00e9"',
+    "reference-tab": '"a\\tb"',
+    "reference-nul": '"a\\u0000"',
+    "reference-del": '"a\\u007f"',
+    "reference-trailing-newline": '"ab\\n"',
+    "reference-number": "5",
+    "reference-bool": "true",
+    "reference-object": '{}',
+    "reference-list": '["r"]',
+}
+PAYMENT_LIFECYCLE = [
+    ("capture-method-number", ', "capture_method": 1'),
+    ("capture-method-upper", ', "capture_method": "MANUAL"'),
+    ("capture-method-title", ', "capture_method": "Manual"'),
+    ("capture-method-empty", ', "capture_method": ""'),
+    ("capture-method-space", ', "capture_method": "manual "'),
+    ("capture-method-unknown", ', "capture_method": "later"'),
+    ("capture-method-null", ', "capture_method": null'),
+    ("capture-method-bool", ', "capture_method": true'),
+    ("capture-method-list", ', "capture_method": ["manual"]'),
+    ("expires-in-zero", ', "capture_method": "manual", "authorization_expires_in": 0'),
+    ("expires-in-2592001", ', "capture_method": "manual", "authorization_expires_in": 2592001'),
+    ("expires-in-negative", ', "capture_method": "manual", "authorization_expires_in": -1'),
+    ("expires-in-float", ', "capture_method": "manual", "authorization_expires_in": 60.5'),
+    ("expires-in-integral-float", ', "capture_method": "manual", "authorization_expires_in": 60.0'),
+    ("expires-in-exponent", ', "capture_method": "manual", "authorization_expires_in": 6e1'),
+    ("expires-in-string", ', "capture_method": "manual", "authorization_expires_in": "60"'),
+    ("expires-in-bool", ', "capture_method": "manual", "authorization_expires_in": true'),
+    ("expires-in-huge", ', "capture_method": "manual", "authorization_expires_in": ' + str(2**64)),
+    ("expires-in-automatic", ', "capture_method": "automatic", "authorization_expires_in": 60'),
+    ("expires-in-default-automatic", ', "authorization_expires_in": 60'),
+    *((name, meta(value)) for name, value in BAD_METADATA.items()),
+    *((name, ', "reference": ' + value) for name, value in BAD_REFERENCE.items()),
+]
+for name, extra in PAYMENT_LIFECYCLE:
+    CASES.append(case(f"POST {P} {name}", "POST", P, pay('"1"', extra=extra), 422, "validation_error"))
+    CASES.append(case(f"POST /payments/batch item-{name}", "POST", "/payments/batch",
+                      '{"payments": [' + pay('"1"') + ", " + pay('"1"', extra=extra) + "]}",
+                      422, "validation_error"))
+    CASES.append(case(f"POST /payments/batch atomic item-{name}", "POST", "/payments/batch",
+                      '{"atomic": true, "payments": [' + pay('"1"', extra=extra) + "]}",
+                      422, "validation_error"))
+for name, value in BAD_METADATA.items():
+    CASES.append(case(f"POST /accounts {name}", "POST", "/accounts", acct('"1"', extra=meta(value)),
+                      422, "validation_error"))
+for name, extra in [("reference", ', "reference": "r"'), ("capture-method", ', "capture_method": "manual"'),
+                    ("held", ', "held": "1"')]:
+    CASES.append(case(f"POST /accounts extra-{name}", "POST", "/accounts", acct('"1"', extra=extra),
+                      422, "validation_error"))
+
+# --- capture, cancel, refunds (SPEC 9), on the payments of `lifecycle_payments` ------------------
+for action in ("capture", "cancel", "refunds"):
+    for name, path in [("unknown", "/payments/987654321"), ("abc", "/payments/abc"),
+                       ("zero", "/payments/0"), ("negative", "/payments/-1"),
+                       ("beyond-bigint", f"/payments/{MAX_ID + 1}"), ("max-bigint", f"/payments/{MAX_ID}"),
+                       ("unicode-digit", "/payments/%D9%A1")]:
+        CASES.append(case(f"POST {action} {name}", "POST", f"{path}/{action}", "{}", 404, "not_found"))
+        CASES.append(case(f"POST {action} {name} no-body", "POST", f"{path}/{action}", None, 404, "not_found"))
+    CASES.append(case(f"GET {action}", "GET", f"/payments/$authorized/{action}", None, 405,
+                      "method_not_allowed"))
+    for label, text_ in MALFORMED.items():
+        if label in ("empty-body", "whitespace-body"):
+            continue
+        target = "$completed" if action == "refunds" else "$authorized"
+        CASES.append(case(f"POST {action} {label}", "POST", f"/payments/{target}/{action}", text_, 400,
+                          "malformed_request"))
+    for label, key in {"too-long": "k" * 256, "non-ascii": "cl\u00e9", "empty": "", "control-char": "a\tb"}.items():
+        target = "$completed" if action == "refunds" else "$authorized"
+        body = '{"amount": "0.5"}' if action != "cancel" else "{}"
+        CASES.append(case(f"POST {action} idempotency-key-{label}", "POST", f"/payments/{target}/{action}",
+                          body, 400, "malformed_request", {"Idempotency-Key": key}))
+
+# whitespace only is a body that is not JSON (an empty body means `{}` on these endpoints)
+CASES.append(case("POST capture whitespace-body", "POST", "/payments/$authorized/capture", "   ", 400,
+                  "malformed_request"))
+CAPTURE = "/payments/$authorized/capture"
+for name, body, status, code in [
+    ("amount-zero", '{"amount": 0}', 422, "invalid_amount"),
+    ("amount-zero-string", '{"amount": "0"}', 422, "invalid_amount"),
+    ("amount-zero-decimal", '{"amount": 0.00}', 422, "invalid_amount"),
+    ("amount-negative", '{"amount": -1}', 422, "invalid_amount"),
+    ("amount-negative-string", '{"amount": "-1"}', 422, "invalid_amount"),
+    ("amount-3-decimals", '{"amount": 0.001}', 422, "invalid_amount"),
+    ("amount-3-decimals-string", '{"amount": "0.001"}', 422, "invalid_amount"),
+    ("amount-NaN-string", '{"amount": "NaN"}', 422, "invalid_amount"),
+    ("amount-Infinity-string", '{"amount": "Infinity"}', 422, "invalid_amount"),
+    ("amount-NaN-literal", '{"amount": NaN}', 400, "malformed_request"),
+    ("amount-1e999999", '{"amount": 1e999999}', 422, "invalid_amount"),
+    ("amount-exponent-string", '{"amount": "1e1"}', 422, "invalid_amount"),
+    ("amount-spaces", '{"amount": " 1"}', 422, "invalid_amount"),
+    ("amount-empty-string", '{"amount": ""}', 422, "invalid_amount"),
+    ("amount-above-authorized", '{"amount": "10.01"}', 422, "invalid_amount"),
+    ("amount-far-above-authorized", '{"amount": 1000000}', 422, "invalid_amount"),
+    ("amount-bool", '{"amount": true}', 422, None),
+    ("amount-object", '{"amount": {}}', 422, None),
+    ("amount-list", '{"amount": ["1"]}', 422, None),
+    ("extra-field", '{"amount": "1", "note": "x"}', 422, "validation_error"),
+    ("extra-field-only", '{"final": true}', 422, "validation_error"),
+    ("metadata-field", '{"metadata": {}}', 422, "validation_error"),
+]:
+    CASES.append(case(f"POST capture {name}", "POST", CAPTURE, body, status, code))
+CASES.append(case("POST cancel extra-field", "POST", "/payments/$authorized/cancel", '{"reason": "x"}', 422,
+                  "validation_error"))
+CASES.append(case("POST cancel amount", "POST", "/payments/$authorized/cancel", '{"amount": "1"}', 422,
+                  "validation_error"))
+# the wrong state: 409 invalid_state, whatever the body
+for state in ("completed", "failed", "canceled", "refund", "capture_done"):
+    for action, body in (("capture", None), ("capture", '{"amount": "1"}'), ("cancel", None), ("cancel", "{}")):
+        CASES.append(case(f"POST {action} of {state}{' with body' if body else ''}", "POST",
+                          f"/payments/${state}/{action}", body, 409, "invalid_state"))
+for state in ("authorized", "failed", "canceled"):
+    for body in (None, '{"amount": "1"}'):
+        CASES.append(case(f"POST refunds of {state}{' with body' if body else ''}", "POST",
+                          f"/payments/${state}/refunds", body, 409, "invalid_state"))
+REFUNDS = "/payments/$completed/refunds"  # 10 captured, 4 refunded: 6 left
+for name, body, status, code in [
+    ("amount-zero", '{"amount": 0}', 422, "invalid_amount"),
+    ("amount-zero-string", '{"amount": "0.00"}', 422, "invalid_amount"),
+    ("amount-negative", '{"amount": -1}', 422, "invalid_amount"),
+    ("amount-negative-string", '{"amount": "-0.01"}', 422, "invalid_amount"),
+    ("amount-3-decimals", '{"amount": 0.001}', 422, "invalid_amount"),
+    ("amount-NaN-string", '{"amount": "NaN"}', 422, "invalid_amount"),
+    ("amount-NaN-literal", '{"amount": NaN}', 400, "malformed_request"),
+    ("amount-1e999999", '{"amount": 1e999999}', 422, "invalid_amount"),
+    ("amount-plus-sign", '{"amount": "+1"}', 422, "invalid_amount"),
+    ("amount-bool", '{"amount": true}', 422, None),
+    ("amount-list", '{"amount": [1]}', 422, None),
+    ("amount-more-than-left", '{"amount": "6.01"}', 422, "refund_exceeds_payment"),
+    ("amount-more-than-captured", '{"amount": "10"}', 422, "refund_exceeds_payment"),
+    ("extra-field", '{"amount": "1", "reason": "x"}', 422, "validation_error"),
+    ("buyer-field", '{"buyer_account_id": 1}', 422, "validation_error"),
+    ("capture-method-field", '{"capture_method": "manual"}', 422, "validation_error"),
+    *((name, '{"amount": "1"' + meta(value) + "}", 422, "validation_error") for name, value in BAD_METADATA.items()),
+    *((name, '{"amount": "1", "reference": ' + value + "}", 422, "validation_error")
+      for name, value in BAD_REFERENCE.items()),
+]:
+    CASES.append(case(f"POST refunds {name}", "POST", REFUNDS, body, status, code))
+CASES.append(case("POST refunds of a refund", "POST", "/payments/$refund/refunds", None, 422, "validation_error"))
+CASES.append(case("POST refunds of a refund with amount", "POST", "/payments/$refund/refunds", '{"amount": "1"}',
+                  422, "validation_error"))
+CASES.append(case("POST refunds above partial capture", "POST", "/payments/$capture_done/refunds",
+                  '{"amount": "1.51"}', 422, "refund_exceeds_payment"))
 
 # --- POST /accounts ------------------------------------------------------------------------------
 A = "/accounts"
@@ -319,6 +562,22 @@ for label, query in {
     "account-id-beyond-bigint": "account_id=9223372036854775808",
     "batch-id-abc": "batch_id=abc",
     "batch-id-beyond-bigint": "batch_id=99999999999999999999",
+    "status-expired": "status=expired",
+    "status-Authorized": "status=Authorized",
+    "refund-of-abc": "refund_of=abc",
+    "refund-of-empty": "refund_of=",
+    "refund-of-zero": "refund_of=0",
+    "refund-of-negative": "refund_of=-1",
+    "refund-of-float": "refund_of=1.0",
+    "refund-of-beyond-bigint": "refund_of=9223372036854775808",
+    "refund-of-unicode-digit": "refund_of=%D9%A1",
+    "reference-empty": "reference=",
+    "reference-129-chars": "reference=" + "r" * 129,
+    "reference-non-ascii": "reference=caf%C3%A9",
+    "reference-nul": "reference=a%00",
+    "reference-tab": "reference=a%09b",
+    "reference-newline": "reference=ab%0A",
+    "reference-del": "reference=a%7F",
 }.items():
     CASES.append(case(f"GET /payments {label}", "GET", f"/payments?{query}", None, 400, "malformed_request"))
 for label, query in {"currency-unknown": "currency=XYZ", "currency-nul": "currency=%00"}.items():
@@ -344,14 +603,21 @@ for method, path, body in (("POST", "/accounts", acct('"1"')), ("POST", "/paymen
                            ("GET", "/accounts", None), ("GET", "/accounts/$usd1", None),
                            ("GET", "/payments", None), ("GET", "/currencies", None),
                            ("GET", "/ready", None), ("POST", "/accounts/$usd1/freeze", None),
-                           ("GET", "/payments/abc", None)):
+                           ("GET", "/payments/abc", None),
+                           ("POST", "/payments/$authorized/capture", None),
+                           ("POST", "/payments/$authorized/capture", '{"amount": "1"}'),
+                           ("POST", "/payments/$authorized/cancel", None),
+                           ("POST", "/payments/$completed/refunds", '{"amount": "1"}'),
+                           ("POST", "/payments/987654321/capture", None),
+                           ("GET", "/payments?refund_of=$completed", None)):
     for label, value in AUTH_CASES.items():
         CASES.append(case(f"{method} {path} {label}", method, path, body, 401, "unauthorized",
                           {"Authorization": value}))
 
 
 @pytest.mark.parametrize("method,path,body,status,code,headers", CASES)
-def test_bad_input(app, client, ids, nothing_written, method, path, body, status, code, headers):
+def test_bad_input(app, client, ids, nothing_written, lifecycle_unchanged, method, path, body, status, code,
+                   headers):
     path = Template(path).substitute(ids)
     raw = None if body is None else _raw(Template(body).substitute(ids))
     headers = dict(headers or {})
