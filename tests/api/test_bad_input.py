@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
 from string import Template
 
 import pytest
@@ -632,6 +635,41 @@ def test_bad_input(app, client, ids, nothing_written, lifecycle_unchanged, metho
         assert response.headers.get("WWW-Authenticate", "").startswith("Bearer")
 
 
+def test_lifecycle_fields_at_their_bounds_are_accepted(client, ids):
+    """The edges just inside what the 422s above refuse (so those are about the bound), and null
+    reference / metadata meaning absent. Returned exactly as given."""
+    edge_meta = {f"k{i:02d}": "v" for i in range(19)} | {"K" * 40: "\u00e9\n\t" + "x" * 497}
+    body = {"buyer_account_id": ids["usd1"], "seller_account_id": ids["usd2"], "amount": "0.01",
+            "capture_method": "manual", "authorization_expires_in": 2592000,
+            "reference": " !~" + "r" * 125, "metadata": edge_meta}
+    r = client.post("/payments", json=body)
+    assert r.status_code == 202, r.get_json()
+    got = r.get_json()
+    assert (got["reference"], got["metadata"], got["capture_method"]) == (body["reference"], edge_meta, "manual")
+    assert got["authorization_expires_at"] is not None
+    for extra in ({"reference": None, "metadata": None}, {"metadata": {}}, {"authorization_expires_in": 1},
+                  {"authorization_expires_in": None}, {"capture_method": "automatic", "authorization_expires_in": None},
+                  {"metadata": {"a-b_c.D9": ""}}):
+        r = client.post("/payments", json={**body, **extra})
+        assert r.status_code == 202, (extra, r.get_json())
+        got = r.get_json()
+        assert got["metadata"] == ((extra["metadata"] or {}) if "metadata" in extra else edge_meta)
+        assert got["reference"] == extra.get("reference", body["reference"])
+        assert got["capture_method"] == extra.get("capture_method", "manual")
+        assert (got["authorization_expires_at"] is None) == (got["capture_method"] == "automatic")
+        if got["capture_method"] == "manual":  # counted from acceptance
+            seconds = {1: 1, None: 604800}.get(extra.get("authorization_expires_in", 0), 2592000)
+            assert (datetime.fromisoformat(got["authorization_expires_at"]) - datetime.fromisoformat(
+                got["created_at"])).total_seconds() == seconds, (extra, got)
+    r = client.post("/accounts", json={"name": "edge", "currency": "USD", "metadata": edge_meta})
+    assert r.status_code == 201 and r.get_json()["metadata"] == edge_meta, r.get_json()
+    r = client.post("/accounts", json={"name": "edge", "currency": "USD", "metadata": None})
+    assert r.status_code == 201 and r.get_json()["metadata"] == {}, r.get_json()
+    r = client.get("/payments", query_string={"reference": body["reference"]})
+    assert r.status_code == 200 and r.get_json()["payments"], r.get_json()
+    assert client.get("/payments", query_string={"reference": "r" * 128}).status_code == 200
+
+
 def test_batch_lists_every_bad_index(client, ids, nothing_written):
     items = [pay('"1"'), pay("0"), pay('"1"'), pay('"1"', seller="987654321"), pay('"1"', seller="$eur"),
              '{"buyer_account_id": "x"}', pay('"0.001"'), pay('"2"', seller="$usd1")]
@@ -711,9 +749,30 @@ def mostly_valid(required: dict, optional: dict):
     keys = list(required)
     return st.tuples(
         st.fixed_dictionaries(required, optional=optional),
-        usually(st.none(), st.sampled_from(keys), 9),
+        usually(st.none(), st.sampled_from(keys), 9) if keys else st.none(),
         usually(st.none(), st.tuples(st.text(min_size=1, max_size=8), st.integers()), 9),
     ).map(lambda t: {**{k: v for k, v in t[0].items() if k != t[1]}, **(dict([t[2]]) if t[2] else {})})
+
+
+METADATA_KEYS = st.one_of(st.from_regex(r"\A[A-Za-z0-9_.\-]{1,40}\Z"), st.text(max_size=45))
+
+
+def metadata(ids):
+    values = usually(st.text(max_size=30), st.one_of(st.text(min_size=490, max_size=510), scalars(ids)), 9)
+    return usually(st.dictionaries(METADATA_KEYS, values, max_size=22), json_values(ids))
+
+
+def references(ids):
+    return usually(st.from_regex(r"\A[\x20-\x7e]{1,130}\Z"), st.one_of(st.text(max_size=130), scalars(ids)))
+
+
+def lifecycle_fields(ids) -> dict:
+    return {"capture_method": usually(st.sampled_from(["automatic", "manual"]),
+                                      st.one_of(st.sampled_from(["Manual", "", "MANUAL", "auto"]), scalars(ids))),
+            "authorization_expires_in": usually(st.integers(min_value=1, max_value=2592000),
+                                                st.one_of(st.integers(min_value=-10, max_value=2**40),
+                                                          scalars(ids))),
+            "metadata": metadata(ids), "reference": references(ids)}
 
 
 def objects(ids, path):
@@ -722,12 +781,16 @@ def objects(ids, path):
         account = usually(known, scalars(ids), 9)
         return mostly_valid(
             {"buyer_account_id": account, "seller_account_id": account, "amount": amounts(ids)},
-            {"currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids))})
+            {"currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids)), **lifecycle_fields(ids)})
+    if path == "capture":
+        return mostly_valid({}, {"amount": amounts(ids)})
+    if path == "refunds":
+        return mostly_valid({}, {"amount": amounts(ids), "metadata": metadata(ids), "reference": references(ids)})
     return mostly_valid(
         {"name": usually(st.text(min_size=1, max_size=30), scalars(ids))},
         {"currency": usually(st.sampled_from(["USD", "eur", "BTC", "ETH", "XYZ", ""]), scalars(ids)),
          "currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids)),
-         "amount": amounts(ids)})
+         "amount": amounts(ids), "metadata": metadata(ids)})
 
 
 def encode(value) -> str:
@@ -762,6 +825,79 @@ def test_fuzz_never_5xx(app, ids, path):
             assert response.status_code in (201, 202), response.status_code
 
     run()
+
+
+def fuzz_body(text_: str, mangle: str) -> bytes:
+    if mangle == "cut":
+        text_ = text_[: len(text_) // 2]
+    elif mangle == "junk":
+        text_ += "}"
+    elif mangle == "empty":
+        text_ = ""
+    return text_.encode("utf-8", "surrogatepass")
+
+
+@pytest.mark.parametrize("action", ["capture", "refunds"])
+def test_fuzz_lifecycle_never_5xx(app, db, ids, action):
+    """Fuzzed bodies against POST /payments/<id>/capture of a real authorized payment and
+    /refunds of a real completed one. Whenever one succeeds (a capture, or refunds using up what
+    is left), the next examples get a fresh payment in that state, so the fuzz keeps reaching the
+    ledger. Accepted refunds are applied at once, as a worker would."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+    buyer = client.post("/accounts", json={"name": "fuzz-buyer", "currency": "USD", "amount": "100000000"}).get_json()
+    seller = client.post("/accounts", json={"name": "fuzz-seller", "currency": "USD"}).get_json()
+    parties = {"buyer_account_id": buyer["id"], "seller_account_id": seller["id"]}
+    method = "manual" if action == "capture" else "automatic"
+    state = "authorized" if action == "capture" else "completed"
+
+    made: list[int] = []
+
+    def fresh() -> int:
+        made.append(applied(client, db, {**parties, "amount": "250000", "capture_method": method}, state))
+        return made[-1]
+
+    target = [fresh()]
+    seen = defaultdict(int)
+
+    @hsettings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=usually(objects(ids, action), json_values(ids)),
+           mangle=st.sampled_from([""] * 16 + ["cut", "junk", "empty"]))
+    def run(body, mangle):
+        raw = fuzz_body(encode(body), mangle)
+        headers = {"Content-Type": "application/json"} if raw else {}
+        response = client.post(f"/payments/{target[0]}/{action}", data=raw, headers=headers)
+        seen[response.status_code] += 1
+        assert response.status_code < 500, (raw, response.get_data(as_text=True))
+        if response.status_code >= 400:
+            error = assert_error(response, response.status_code)
+            if response.status_code == 409:
+                raise AssertionError(f"409 on a payment that is {state}: {error}")
+            if error["code"] == "refund_exceeds_payment" and error["details"]["refundable"] == "0":
+                target[0] = fresh()
+            return
+        got = response.get_json()
+        if action == "capture":
+            assert response.status_code == 200 and got["status"] == "completed", got
+            assert Decimal(got["amount_captured"]) <= Decimal("250000")
+            target[0] = fresh()
+        else:
+            assert response.status_code == 202 and got["refund_of"] == target[0], got
+            made.append(got["id"])
+            with db.transaction() as s:
+                ledger.apply_payments(s, [got["id"]])
+
+    run()
+    print(f"\n{action}: {dict(seen)}")
+    assert seen[200 if action == "capture" else 202] > 0, dict(seen)  # the fuzz reached the ledger
+    # The books of these two accounts and these payments (the session's database holds other
+    # tests' rows too, so only their lines of the reconciliation are looked at).
+    ours = [f"account {buyer['id']}:", f"account {seller['id']}:", *(f"payment {p}:" for p in made)]
+    with db.transaction() as s:
+        assert [p for p in ledger.reconcile(s) if p.startswith(tuple(ours))] == []
+        total = s.execute(sql("SELECT sum(balance) FROM accounts WHERE id = ANY(:ids)"),
+                          {"ids": [buyer["id"], seller["id"]]}).scalar_one()
+    assert total == Decimal("100000000")
 
 
 def test_chunked_body_over_limit_through_gunicorn(api_url, ids, nothing_written):
