@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -107,7 +106,9 @@ class Clients:
         self.retries = 0          # resends after a connection error, a 5xx or a 429
         self.replays = 0          # deliberate second sends of a successful request
         self.transport_errors = 0
-        self.tasks: queue.Queue = queue.Queue()
+        self.tasks: queue.Queue = queue.Queue()  # (payment id, its row once a worker applied it)
+        self.waiting: set[int] = set()  # accepted manual or to-be-refunded payments not yet applied
+        self.sending = True
 
     def count(self) -> int:
         with self.lock:
@@ -204,51 +205,56 @@ class Clients:
                 if item.early:
                     self.act(client, n + i, "capture", pid, None)
                 if item.manual or item.refund:
-                    self.tasks.put(pid)
+                    with self.lock:
+                        self.waiting.add(pid)
 
     # --- the lifecycle threads ---------------------------------------------------------------
+
+    def watch(self, db) -> None:
+        """Hand each awaited payment to the lifecycle threads once a worker has applied it (one
+        query for all of them, every 50 ms), until the clients are done and nothing is awaited."""
+        def poll():
+            with self.lock:
+                ids, done = list(self.waiting), not self.sending
+            if ids:
+                with db.transaction() as s:
+                    rows = s.execute(text(
+                        "SELECT id, status, amount, extract(epoch FROM authorization_expires_at) AS expires_at"
+                        " FROM payments WHERE id = ANY(:ids) AND status <> 'pending' ORDER BY id"),
+                        {"ids": ids}).all()
+                with self.lock:
+                    self.waiting.difference_update(r.id for r in rows)
+                for row in rows:
+                    self.tasks.put((row.id, row))
+            return done and not ids
+        try:
+            wait_until(poll, 240, "the awaited payments to be applied")
+        finally:
+            for _ in range(LIFECYCLE_THREADS):
+                self.tasks.put(None)
 
     def lifecycle(self, n: int, seed: int) -> None:
         rng = random.Random(seed)
         with httpx.Client(timeout=httpx.Timeout(10, connect=2)) as client:
             while True:
-                pid = self.tasks.get()
-                if pid is None:
+                task = self.tasks.get()
+                if task is None:
                     return
+                pid, payment = task
                 try:
-                    self.follow(client, rng, n, pid)
+                    self.follow(client, rng, n, pid, payment)
                 except Exception as exc:  # reported by the main thread
                     with self.lock:
                         self.errors.append(f"lifecycle of {pid}: {exc!r}")
 
-    def get(self, client: httpx.Client, n: int, pid: int) -> dict:
-        """GET /payments/<id>, on the next instance after a connection error."""
-        turn = [n]
-
-        def answer():
-            try:
-                r = client.get(f"http://127.0.0.1:{self.ports[turn[0] % len(self.ports)]}/payments/{pid}",
-                               headers=AUTH)
-            except httpx.TransportError:
-                turn[0] += 1
-                return None
-            if r.status_code >= 500:
-                with self.lock:
-                    self.server_errors.append((time.time(), r.status_code, f"GET /payments/{pid}"))
-                return None
-            return r.json() if r.status_code == 200 else None
-        return wait_until(answer, 60, f"GET /payments/{pid}", interval_s=0.05)
-
-    def follow(self, client: httpx.Client, rng: random.Random, n: int, pid: int) -> None:
+    def follow(self, client: httpx.Client, rng: random.Random, n: int, pid: int, payment) -> None:
         item = self.items[pid]
-        payment = wait_until(lambda: (p := self.get(client, n, pid))["status"] != "pending" and p, 90,
-                             f"payment {pid} applied", interval_s=0.1)
-        amount = Decimal(payment["amount"])
+        amount = payment.amount
         if item.manual:
             captured = self.decide(client, rng, n, payment, item)
             if captured is None or item.refund is None:
                 return
-        elif payment["status"] == "completed":
+        elif payment.status == "completed":
             captured = amount
         else:  # failed: a refund must be refused (409), and nothing else
             self.act(client, n, "refund", pid, None)
@@ -257,7 +263,7 @@ class Clients:
 
     def decide(self, client, rng, n: int, payment: dict, item: Item) -> Decimal | None:
         """Capture, cancel or leave a hold, as its plan says; returns what was captured, if any."""
-        pid, amount = payment["id"], Decimal(payment["amount"])
+        pid, amount = payment.id, payment.amount
         if item.action in ("capture", "partial"):
             part = None
             if item.action == "partial":
@@ -273,10 +279,9 @@ class Clients:
         if item.action == "duel":  # capture and cancel at once: exactly one of them wins
             self.concurrently(client, n, [("capture", pid, None), ("cancel", pid, None)])
             return None
-        if item.action == "expire-race" and payment["authorization_expires_at"]:
+        if item.action == "expire-race":
             # Aim at the expiry: the capture or cancel lands just before or just after it.
-            at = datetime.fromisoformat(payment["authorization_expires_at"]).timestamp()
-            target = at + rng.uniform(-0.3, 0.15)
+            target = float(payment.expires_at) + rng.uniform(-0.3, 0.15)
             wait_until(lambda: time.time() >= target, 5, "the expiry", interval_s=0.01)
             self.act(client, n, rng.choice(["capture", "cancel"]), pid, None)
         return None  # expire, hold: nothing
@@ -416,6 +421,14 @@ def test_bank(fresh_database_url, services, tmp_path):
                    for n in range(CLIENTS)]
         followers = [threading.Thread(target=clients.lifecycle, args=(n, 100 + n), daemon=True)
                      for n in range(LIFECYCLE_THREADS)]
+        watch_errors: list[BaseException] = []
+
+        def watch():
+            try:
+                clients.watch(db)
+            except BaseException as exc:  # reported by the main thread
+                watch_errors.append(exc)
+        followers.append(threading.Thread(target=watch, daemon=True))
         fault_thread = threading.Thread(target=inject_faults, daemon=True)
         t0 = time.monotonic()
         for t in threads + followers:
@@ -424,14 +437,15 @@ def test_bank(fresh_database_url, services, tmp_path):
         for t in threads:
             t.join(timeout=120)
         sent_s = time.monotonic() - t0
-        for _ in followers:
-            clients.tasks.put(None)
+        with clients.lock:
+            clients.sending = False
         for t in followers:
             t.join(timeout=120)
         fault_thread.join(timeout=60)
         followed_s = time.monotonic() - t0
         assert not any(t.is_alive() for t in threads + followers), "client threads hung"
         assert not fault_errors, fault_errors
+        assert not watch_errors, watch_errors
         assert not clients.errors, clients.errors[:10]
 
         # Every request got its 202 in the end, exactly one payment per key.
@@ -648,5 +662,9 @@ def check_refunds(clients: Clients, finals: dict) -> dict[str, int]:
                   or "canceled", "authorized": "held", "failed": "hold failed"}[final.status]] += 1
             if final.status == "completed" and final.amount_captured < final.amount:
                 seen["captured in part"] += 1
-    seen["lost a race"] = sum(1 for a in clients.answers if a.kind in ("capture", "cancel") and a.status == 409)
+    for a in clients.answers:
+        if a.kind in ("capture", "cancel") and a.status == 409:
+            details = a.body["error"]["details"]
+            seen["lost a race"] += 1
+            seen[f"409: {'expired' if details['expired'] else details['status']}"] += 1
     return seen
