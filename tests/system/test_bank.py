@@ -523,7 +523,8 @@ def final_rows(db, ids: list[int]) -> dict:
         return {r.id: r for r in s.execute(text(
             "SELECT id, status, amount, amount_captured, amount_refunded, cancellation_reason, refund_of,"
             " buyer_account_id, seller_account_id, capture_method,"
-            " extract(epoch FROM authorization_expires_at) AS expires_at, reference, metadata"
+            " extract(epoch FROM authorization_expires_at) AS expires_at, reference, metadata,"
+            " completed_at < authorization_expires_at AS before_expiry"
             " FROM payments WHERE id = ANY(:ids)"), {"ids": ids})}
 
 
@@ -550,6 +551,8 @@ def check_decisions(clients: Clients, finals: dict) -> dict[int, Decimal]:
             assert not answers
             continue
         state = (final.status, final.cancellation_reason)
+        if final.status in ("completed", "canceled"):  # a capture or cancel decides before the expiry
+            assert final.before_expiry == (state != ("canceled", "expired")), (pid, final)
         if wins:
             win = wins[0]
             if win.kind == "capture":

@@ -148,6 +148,10 @@ def test_capture_cancel_expiry_one_winner(http, api_url, db):
             outcomes["expired"] += 1
         if final["status"] != "completed":
             assert entries_moved(db, pid) == (0, 0)
+        # Decided by a capture or cancel before the expiry, else by the expiry (once it passed).
+        decided_at = datetime.fromisoformat(final["completed_at"])
+        expires_at = datetime.fromisoformat(final["authorization_expires_at"])
+        assert (decided_at < expires_at) == bool(winners), (pid, final)
         for i, r in enumerate(responses):  # each loser said what had decided it, or that it had expired
             if r.status_code == 409:
                 details = r.json()["error"]["details"]
@@ -273,3 +277,62 @@ def test_same_idempotency_key_on_concurrent_captures(http, api_url, db):
     assert sorted((r.key, r.resource_type, r.resource_id) for r in rows) == sorted(
         [(key, "capture", pid), (key2, "capture", pid2), (key3, "cancel", pid3)])
     assert our_reconcile_lines(db, [buyer, seller], [pid, pid2, pid3]) == []
+
+
+def test_capture_in_flight_at_expiry_wins(http, api_url, db):
+    """A capture that took the payment's lock before the expiry decides it, even if it is still
+    running (here: waiting for the buyer's account, which the test holds) when the expiry passes
+    and the sweeper runs: the sweeper skips it, the capture completes, held ends at zero."""
+    buyer = open_account(http, "100", name="inflight-buyer")["id"]
+    seller = open_account(http, "0", name="inflight-seller")["id"]
+    pid = pay(http, buyer, seller, "60", capture_method="manual", authorization_expires_in=2)["id"]
+    held = wait_status(http, pid, "authorized")
+    expires_at = datetime.fromisoformat(held["authorization_expires_at"]).timestamp()
+    results: dict = {}
+
+    def capture():
+        with httpx.Client(base_url=api_url, headers=AUTH, timeout=30) as client:
+            results["capture"] = client.post(f"/payments/{pid}/capture", json={"amount": "50"})
+
+    def sweep():
+        try:
+            results["expired"] = expire(db)
+        except Exception as exc:  # reported below
+            results["expired"] = exc
+
+    def waiting_on_lock(fragment: str) -> bool:
+        with db.transaction() as s:
+            return s.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE :q"), {"q": f"%{fragment}%"}).scalar_one() > 0
+
+    with db.transaction() as holder:  # the buyer's account, locked as a worker would
+        holder.execute(text("SELECT id FROM accounts WHERE id = :id FOR NO KEY UPDATE"), {"id": buyer})
+        assert time.time() < expires_at - 0.5, "the hold expired before the test could start"
+        capturing = threading.Thread(target=capture)
+        capturing.start()
+        wait_until(lambda: waiting_on_lock("FROM accounts WHERE id = ANY"), 10, "the capture to wait for the account")
+        wait_until(lambda: time.time() > expires_at + 0.2, 10, "the expiry to pass", interval_s=0.01)
+        sweeping = threading.Thread(target=sweep)
+        sweeping.start()
+        # The sweeper either finishes (it skipped the payment) or waits for a lock (it did not).
+        wait_until(lambda: "expired" in results or sessions_waiting(db) >= 2, 10, "the sweeper to finish or wait")
+    capturing.join(timeout=30)
+    sweeping.join(timeout=30)
+    assert not isinstance(results["expired"], Exception), results["expired"]
+    assert pid not in results["expired"]
+    r = results["capture"]
+    assert r.status_code == 200, r.text
+    final = http.get(f"/payments/{pid}").json()
+    assert (final["status"], final["amount_captured"], final["cancellation_reason"]) == ("completed", "50", None)
+    assert datetime.fromisoformat(final["completed_at"]).timestamp() < expires_at
+    b = account(http, buyer)
+    assert (b["balance"], b["held"], b["available"]) == ("50", "0", "50"), b
+    assert account(http, seller)["balance"] == "50"
+    assert our_reconcile_lines(db, [buyer, seller], [pid]) == []
+
+
+def sessions_waiting(db) -> int:
+    with db.transaction() as s:
+        return s.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                              " AND wait_event_type = 'Lock'")).scalar_one()
