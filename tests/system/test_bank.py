@@ -228,7 +228,7 @@ class Clients:
                     self.tasks.put((row.id, row))
             return done and not ids
         try:
-            wait_until(poll, 240, "the awaited payments to be applied")
+            wait_until(poll, 150, "the awaited payments to be applied")
         finally:
             for _ in range(LIFECYCLE_THREADS):
                 self.tasks.put(None)
