@@ -22,7 +22,8 @@ AmountOut = Annotated[str, Field(description="Exact decimal as a string, without
                                  examples=["499.9"])]
 MetadataKey = Annotated[StrictStr, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.\-]+$")]
 Metadata = Annotated[
-    dict[MetadataKey, Annotated[StrictStr, Field(max_length=500)]],
+    # No NUL: PostgreSQL's jsonb cannot hold \u0000 (it was a 500).
+    dict[MetadataKey, Annotated[StrictStr, Field(max_length=500, pattern=r"^[^\x00]*$")]],
     Field(max_length=20, description="Your own key-value pairs: at most 20 keys of 1-40 characters "
                                      "of A-Za-z0-9_.-, each value a string of at most 500 characters; "
                                      "returned exactly as given", examples=[{"order_id": "A-1001"}]),

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
 from string import Template
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from sqlalchemy import text as sql
+
+from common import ledger
 from tests.api.conftest import assert_error
 from tests.conftest import AUTH
+from tests.support.processes import wait_until
 
 MAX_ID = 2**63 - 1
 
 
 @pytest.fixture(scope="module")
-def ids(app) -> dict[str, int]:
-    """Accounts the cases refer to as $usd1, $usd2, $eur, $btc, $frozen (balances set up once)."""
+def ids(app, db) -> dict[str, int]:
+    """Accounts the cases refer to as $usd1, $usd2, $eur, $btc, $frozen (balances set up once),
+    and payments in each lifecycle state: $authorized, $completed, $failed, $canceled, $refund
+    (a completed refund of $completed), $capture_done (a captured manual payment)."""
     c = app.test_client()
     made = {}
     for name, body in {
@@ -26,11 +35,78 @@ def ids(app) -> dict[str, int]:
         "eur": {"name": "bad-eur", "currency": "EUR", "amount": "1000"},
         "btc": {"name": "bad-btc", "currency": "BTC", "amount": "1"},
         "btc2": {"name": "bad-btc2", "currency": "BTC"},
+        "lcbuyer": {"name": "bad-lc-buyer", "currency": "USD", "amount": "1000"},
+        "lcseller": {"name": "bad-lc-seller", "currency": "USD", "amount": "1000"},
     }.items():
         r = c.post("/accounts", json=body, headers=AUTH)
         assert r.status_code == 201, r.get_data(as_text=True)
         made[name] = r.get_json()["id"]
+    made.update(lifecycle_payments(c, db, made["lcbuyer"], made["lcseller"]))
     return made
+
+
+def applied(client, db, body: dict, status: str) -> int:
+    """POST /payments, then apply it as a worker does (the ledger's own function, in a
+    transaction of its own); returns its id once it is `status`."""
+    r = client.post("/payments", json=body, headers=AUTH)
+    assert r.status_code == 202, r.get_data(as_text=True)
+    pid = r.get_json()["id"]
+    got = apply_now(client, db, pid)
+    assert got["status"] == status, got
+    return pid
+
+
+def apply_now(client, db, pid: int) -> dict:
+    """Apply a pending payment as a worker does; a worker of the session that holds it right now
+    makes this skip it, so poll until it is applied either way. Returns it."""
+    def applied_once():
+        with db.transaction() as s:
+            ledger.apply_payments(s, [pid])
+        got = client.get(f"/payments/{pid}", headers=AUTH).get_json()
+        return got if got["status"] != "pending" else None
+    return wait_until(applied_once, 10, f"payment {pid} applied")
+
+
+def lifecycle_payments(client, db, buyer: int, seller: int) -> dict[str, int]:
+    pay_ = {"buyer_account_id": buyer, "seller_account_id": seller}
+    made = {
+        "authorized": applied(client, db, {**pay_, "amount": "10", "capture_method": "manual"}, "authorized"),
+        "completed": applied(client, db, {**pay_, "amount": "10"}, "completed"),
+        "failed": applied(client, db, {**pay_, "amount": "5000", "capture_method": "manual"}, "failed"),
+        "canceled": applied(client, db, {**pay_, "amount": "1", "capture_method": "manual"}, "authorized"),
+        "capture_done": applied(client, db, {**pay_, "amount": "2", "capture_method": "manual"}, "authorized"),
+    }
+    r = client.post(f"/payments/{made['canceled']}/cancel", headers=AUTH)
+    assert r.status_code == 200 and r.get_json()["status"] == "canceled", r.get_data(as_text=True)
+    r = client.post(f"/payments/{made['capture_done']}/capture", json={"amount": "1.5"}, headers=AUTH)
+    assert r.status_code == 200 and r.get_json()["status"] == "completed", r.get_data(as_text=True)
+    r = client.post(f"/payments/{made['completed']}/refunds", json={"amount": "4"}, headers=AUTH)
+    assert r.status_code == 202, r.get_data(as_text=True)
+    made["refund"] = r.get_json()["id"]
+    assert apply_now(client, db, made["refund"])["status"] == "completed"
+    return made
+
+
+@pytest.fixture
+def lifecycle_unchanged(db, ids):
+    """Asserts, after the test, that the lifecycle payments and their accounts did not change
+    (a refused capture, cancel or refund moves nothing, releases nothing)."""
+    def snapshot():
+        with db.transaction() as s:
+            payments = s.execute(sql(
+                "SELECT id, status, amount_captured, amount_refunded, cancellation_reason, completed_at"
+                " FROM payments WHERE id = ANY(:ids) ORDER BY id"),
+                {"ids": [ids[k] for k in LIFECYCLE_PAYMENTS]}).all()
+            accounts = s.execute(sql(
+                "SELECT id, balance, held, status FROM accounts WHERE id = ANY(:ids) ORDER BY id"),
+                {"ids": [ids["lcbuyer"], ids["lcseller"]]}).all()
+        return payments, accounts
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a refused request changed a payment or an account"
+
+
+LIFECYCLE_PAYMENTS = ("authorized", "completed", "failed", "canceled", "capture_done", "refund")
 
 
 def call(client, method: str, path: str, body: bytes | None = None, headers=None):
@@ -161,6 +237,184 @@ for name, body, status, code in [
     ("amount-nul-string", pay('"1\\u0000"'), 422, "invalid_amount"),
 ]:
     CASES.append(case(f"POST {P} {name}", "POST", P, body, status, code))
+
+# --- lifecycle fields (SPEC 9): POST /payments, each batch item, POST /accounts' metadata -------
+def meta(value: str) -> str:
+    return ', "metadata": ' + value
+
+
+def many_keys(n: int) -> str:
+    return "{" + ", ".join(f'"k{i}": "v"' for i in range(n)) + "}"
+
+
+BAD_METADATA = {
+    "metadata-string": '"x"',
+    "metadata-list": '[]',
+    "metadata-list-of-pairs": '[["k", "v"]]',
+    "metadata-number": "5",
+    "metadata-bool": "true",
+    "metadata-21-keys": many_keys(21),
+    "metadata-key-empty": '{"": "v"}',
+    "metadata-key-41-chars": '{"' + "k" * 41 + '": "v"}',
+    "metadata-key-space": '{"a b": "v"}',
+    "metadata-key-non-ascii": '{"cl\\u00e9": "v"}',
+    "metadata-key-slash": '{"a/b": "v"}',
+    "metadata-key-trailing-newline": '{"ab\\n": "v"}',
+    "metadata-key-nul": '{"a\\u0000": "v"}',
+    "metadata-value-number": '{"k": 5}',
+    "metadata-value-null": '{"k": null}',
+    "metadata-value-object": '{"k": {}}',
+    "metadata-value-list": '{"k": ["v"]}',
+    "metadata-value-bool": '{"k": false}',
+    "metadata-value-501-chars": '{"k": "' + "v" * 501 + '"}',
+    "metadata-value-nul": '{"k": "a\\u0000b"}',
+    "metadata-value-lone-surrogate": '{"k": "a\\ud800b"}',
+}
+BAD_REFERENCE = {
+    "reference-empty": '""',
+    "reference-129-chars": '"' + "r" * 129 + '"',
+    "reference-non-ascii": '"caf\\u00e9"',
+    "reference-tab": '"a\\tb"',
+    "reference-nul": '"a\\u0000"',
+    "reference-del": '"a\\u007f"',
+    "reference-trailing-newline": '"ab\\n"',
+    "reference-number": "5",
+    "reference-bool": "true",
+    "reference-object": '{}',
+    "reference-list": '["r"]',
+}
+PAYMENT_LIFECYCLE = [
+    ("capture-method-number", ', "capture_method": 1'),
+    ("capture-method-upper", ', "capture_method": "MANUAL"'),
+    ("capture-method-title", ', "capture_method": "Manual"'),
+    ("capture-method-empty", ', "capture_method": ""'),
+    ("capture-method-space", ', "capture_method": "manual "'),
+    ("capture-method-unknown", ', "capture_method": "later"'),
+    ("capture-method-null", ', "capture_method": null'),
+    ("capture-method-bool", ', "capture_method": true'),
+    ("capture-method-list", ', "capture_method": ["manual"]'),
+    ("expires-in-zero", ', "capture_method": "manual", "authorization_expires_in": 0'),
+    ("expires-in-2592001", ', "capture_method": "manual", "authorization_expires_in": 2592001'),
+    ("expires-in-negative", ', "capture_method": "manual", "authorization_expires_in": -1'),
+    ("expires-in-float", ', "capture_method": "manual", "authorization_expires_in": 60.5'),
+    ("expires-in-integral-float", ', "capture_method": "manual", "authorization_expires_in": 60.0'),
+    ("expires-in-exponent", ', "capture_method": "manual", "authorization_expires_in": 6e1'),
+    ("expires-in-string", ', "capture_method": "manual", "authorization_expires_in": "60"'),
+    ("expires-in-bool", ', "capture_method": "manual", "authorization_expires_in": true'),
+    ("expires-in-huge", ', "capture_method": "manual", "authorization_expires_in": ' + str(2**64)),
+    ("expires-in-automatic", ', "capture_method": "automatic", "authorization_expires_in": 60'),
+    ("expires-in-default-automatic", ', "authorization_expires_in": 60'),
+    *((name, meta(value)) for name, value in BAD_METADATA.items()),
+    *((name, ', "reference": ' + value) for name, value in BAD_REFERENCE.items()),
+]
+for name, extra in PAYMENT_LIFECYCLE:
+    CASES.append(case(f"POST {P} {name}", "POST", P, pay('"1"', extra=extra), 422, "validation_error"))
+    CASES.append(case(f"POST /payments/batch item-{name}", "POST", "/payments/batch",
+                      '{"payments": [' + pay('"1"') + ", " + pay('"1"', extra=extra) + "]}",
+                      422, "validation_error"))
+    CASES.append(case(f"POST /payments/batch atomic item-{name}", "POST", "/payments/batch",
+                      '{"atomic": true, "payments": [' + pay('"1"', extra=extra) + "]}",
+                      422, "validation_error"))
+for name, value in BAD_METADATA.items():
+    CASES.append(case(f"POST /accounts {name}", "POST", "/accounts", acct('"1"', extra=meta(value)),
+                      422, "validation_error"))
+for name, extra in [("reference", ', "reference": "r"'), ("capture-method", ', "capture_method": "manual"'),
+                    ("held", ', "held": "1"')]:
+    CASES.append(case(f"POST /accounts extra-{name}", "POST", "/accounts", acct('"1"', extra=extra),
+                      422, "validation_error"))
+
+# --- capture, cancel, refunds (SPEC 9), on the payments of `lifecycle_payments` ------------------
+for action in ("capture", "cancel", "refunds"):
+    for name, path in [("unknown", "/payments/987654321"), ("abc", "/payments/abc"),
+                       ("zero", "/payments/0"), ("negative", "/payments/-1"),
+                       ("beyond-bigint", f"/payments/{MAX_ID + 1}"), ("max-bigint", f"/payments/{MAX_ID}"),
+                       ("unicode-digit", "/payments/%D9%A1")]:
+        CASES.append(case(f"POST {action} {name}", "POST", f"{path}/{action}", "{}", 404, "not_found"))
+        CASES.append(case(f"POST {action} {name} no-body", "POST", f"{path}/{action}", None, 404, "not_found"))
+    CASES.append(case(f"GET {action}", "GET", f"/payments/$authorized/{action}", None, 405,
+                      "method_not_allowed"))
+    for label, text_ in MALFORMED.items():
+        if label in ("empty-body", "whitespace-body"):
+            continue
+        target = "$completed" if action == "refunds" else "$authorized"
+        CASES.append(case(f"POST {action} {label}", "POST", f"/payments/{target}/{action}", text_, 400,
+                          "malformed_request"))
+    for label, key in {"too-long": "k" * 256, "non-ascii": "cl\u00e9", "empty": "", "control-char": "a\tb"}.items():
+        target = "$completed" if action == "refunds" else "$authorized"
+        body = '{"amount": "0.5"}' if action != "cancel" else "{}"
+        CASES.append(case(f"POST {action} idempotency-key-{label}", "POST", f"/payments/{target}/{action}",
+                          body, 400, "malformed_request", {"Idempotency-Key": key}))
+
+# whitespace only is a body that is not JSON (an empty body means `{}` on these endpoints)
+CASES.append(case("POST capture whitespace-body", "POST", "/payments/$authorized/capture", "   ", 400,
+                  "malformed_request"))
+CAPTURE = "/payments/$authorized/capture"
+for name, body, status, code in [
+    ("amount-zero", '{"amount": 0}', 422, "invalid_amount"),
+    ("amount-zero-string", '{"amount": "0"}', 422, "invalid_amount"),
+    ("amount-zero-decimal", '{"amount": 0.00}', 422, "invalid_amount"),
+    ("amount-negative", '{"amount": -1}', 422, "invalid_amount"),
+    ("amount-negative-string", '{"amount": "-1"}', 422, "invalid_amount"),
+    ("amount-3-decimals", '{"amount": 0.001}', 422, "invalid_amount"),
+    ("amount-3-decimals-string", '{"amount": "0.001"}', 422, "invalid_amount"),
+    ("amount-NaN-string", '{"amount": "NaN"}', 422, "invalid_amount"),
+    ("amount-Infinity-string", '{"amount": "Infinity"}', 422, "invalid_amount"),
+    ("amount-NaN-literal", '{"amount": NaN}', 400, "malformed_request"),
+    ("amount-1e999999", '{"amount": 1e999999}', 422, "invalid_amount"),
+    ("amount-exponent-string", '{"amount": "1e1"}', 422, "invalid_amount"),
+    ("amount-spaces", '{"amount": " 1"}', 422, "invalid_amount"),
+    ("amount-empty-string", '{"amount": ""}', 422, "invalid_amount"),
+    ("amount-above-authorized", '{"amount": "10.01"}', 422, "invalid_amount"),
+    ("amount-far-above-authorized", '{"amount": 1000000}', 422, "invalid_amount"),
+    ("amount-bool", '{"amount": true}', 422, None),
+    ("amount-object", '{"amount": {}}', 422, None),
+    ("amount-list", '{"amount": ["1"]}', 422, None),
+    ("extra-field", '{"amount": "1", "note": "x"}', 422, "validation_error"),
+    ("extra-field-only", '{"final": true}', 422, "validation_error"),
+    ("metadata-field", '{"metadata": {}}', 422, "validation_error"),
+]:
+    CASES.append(case(f"POST capture {name}", "POST", CAPTURE, body, status, code))
+CASES.append(case("POST cancel extra-field", "POST", "/payments/$authorized/cancel", '{"reason": "x"}', 422,
+                  "validation_error"))
+CASES.append(case("POST cancel amount", "POST", "/payments/$authorized/cancel", '{"amount": "1"}', 422,
+                  "validation_error"))
+# the wrong state: 409 invalid_state, whatever the body
+for state in ("completed", "failed", "canceled", "refund", "capture_done"):
+    for action, body in (("capture", None), ("capture", '{"amount": "1"}'), ("cancel", None), ("cancel", "{}")):
+        CASES.append(case(f"POST {action} of {state}{' with body' if body else ''}", "POST",
+                          f"/payments/${state}/{action}", body, 409, "invalid_state"))
+for state in ("authorized", "failed", "canceled"):
+    for body in (None, '{"amount": "1"}'):
+        CASES.append(case(f"POST refunds of {state}{' with body' if body else ''}", "POST",
+                          f"/payments/${state}/refunds", body, 409, "invalid_state"))
+REFUNDS = "/payments/$completed/refunds"  # 10 captured, 4 refunded: 6 left
+for name, body, status, code in [
+    ("amount-zero", '{"amount": 0}', 422, "invalid_amount"),
+    ("amount-zero-string", '{"amount": "0.00"}', 422, "invalid_amount"),
+    ("amount-negative", '{"amount": -1}', 422, "invalid_amount"),
+    ("amount-negative-string", '{"amount": "-0.01"}', 422, "invalid_amount"),
+    ("amount-3-decimals", '{"amount": 0.001}', 422, "invalid_amount"),
+    ("amount-NaN-string", '{"amount": "NaN"}', 422, "invalid_amount"),
+    ("amount-NaN-literal", '{"amount": NaN}', 400, "malformed_request"),
+    ("amount-1e999999", '{"amount": 1e999999}', 422, "invalid_amount"),
+    ("amount-plus-sign", '{"amount": "+1"}', 422, "invalid_amount"),
+    ("amount-bool", '{"amount": true}', 422, None),
+    ("amount-list", '{"amount": [1]}', 422, None),
+    ("amount-more-than-left", '{"amount": "6.01"}', 422, "refund_exceeds_payment"),
+    ("amount-more-than-captured", '{"amount": "10"}', 422, "refund_exceeds_payment"),
+    ("extra-field", '{"amount": "1", "reason": "x"}', 422, "validation_error"),
+    ("buyer-field", '{"buyer_account_id": 1}', 422, "validation_error"),
+    ("capture-method-field", '{"capture_method": "manual"}', 422, "validation_error"),
+    *((name, '{"amount": "1"' + meta(value) + "}", 422, "validation_error") for name, value in BAD_METADATA.items()),
+    *((name, '{"amount": "1", "reference": ' + value + "}", 422, "validation_error")
+      for name, value in BAD_REFERENCE.items()),
+]:
+    CASES.append(case(f"POST refunds {name}", "POST", REFUNDS, body, status, code))
+CASES.append(case("POST refunds of a refund", "POST", "/payments/$refund/refunds", None, 422, "validation_error"))
+CASES.append(case("POST refunds of a refund with amount", "POST", "/payments/$refund/refunds", '{"amount": "1"}',
+                  422, "validation_error"))
+CASES.append(case("POST refunds above partial capture", "POST", "/payments/$capture_done/refunds",
+                  '{"amount": "1.51"}', 422, "refund_exceeds_payment"))
 
 # --- POST /accounts ------------------------------------------------------------------------------
 A = "/accounts"
@@ -319,6 +573,22 @@ for label, query in {
     "account-id-beyond-bigint": "account_id=9223372036854775808",
     "batch-id-abc": "batch_id=abc",
     "batch-id-beyond-bigint": "batch_id=99999999999999999999",
+    "status-expired": "status=expired",
+    "status-Authorized": "status=Authorized",
+    "refund-of-abc": "refund_of=abc",
+    "refund-of-empty": "refund_of=",
+    "refund-of-zero": "refund_of=0",
+    "refund-of-negative": "refund_of=-1",
+    "refund-of-float": "refund_of=1.0",
+    "refund-of-beyond-bigint": "refund_of=9223372036854775808",
+    "refund-of-unicode-digit": "refund_of=%D9%A1",
+    "reference-empty": "reference=",
+    "reference-129-chars": "reference=" + "r" * 129,
+    "reference-non-ascii": "reference=caf%C3%A9",
+    "reference-nul": "reference=a%00",
+    "reference-tab": "reference=a%09b",
+    "reference-newline": "reference=ab%0A",
+    "reference-del": "reference=a%7F",
 }.items():
     CASES.append(case(f"GET /payments {label}", "GET", f"/payments?{query}", None, 400, "malformed_request"))
 for label, query in {"currency-unknown": "currency=XYZ", "currency-nul": "currency=%00"}.items():
@@ -344,14 +614,21 @@ for method, path, body in (("POST", "/accounts", acct('"1"')), ("POST", "/paymen
                            ("GET", "/accounts", None), ("GET", "/accounts/$usd1", None),
                            ("GET", "/payments", None), ("GET", "/currencies", None),
                            ("GET", "/ready", None), ("POST", "/accounts/$usd1/freeze", None),
-                           ("GET", "/payments/abc", None)):
+                           ("GET", "/payments/abc", None),
+                           ("POST", "/payments/$authorized/capture", None),
+                           ("POST", "/payments/$authorized/capture", '{"amount": "1"}'),
+                           ("POST", "/payments/$authorized/cancel", None),
+                           ("POST", "/payments/$completed/refunds", '{"amount": "1"}'),
+                           ("POST", "/payments/987654321/capture", None),
+                           ("GET", "/payments?refund_of=$completed", None)):
     for label, value in AUTH_CASES.items():
         CASES.append(case(f"{method} {path} {label}", method, path, body, 401, "unauthorized",
                           {"Authorization": value}))
 
 
 @pytest.mark.parametrize("method,path,body,status,code,headers", CASES)
-def test_bad_input(app, client, ids, nothing_written, method, path, body, status, code, headers):
+def test_bad_input(app, client, ids, nothing_written, lifecycle_unchanged, method, path, body, status, code,
+                   headers):
     path = Template(path).substitute(ids)
     raw = None if body is None else _raw(Template(body).substitute(ids))
     headers = dict(headers or {})
@@ -364,6 +641,41 @@ def test_bad_input(app, client, ids, nothing_written, method, path, body, status
     assert_error(response, status, code)
     if status == 401:
         assert response.headers.get("WWW-Authenticate", "").startswith("Bearer")
+
+
+def test_lifecycle_fields_at_their_bounds_are_accepted(client, ids):
+    """The edges just inside what the 422s above refuse (so those are about the bound), and null
+    reference / metadata meaning absent. Returned exactly as given."""
+    edge_meta = {f"k{i:02d}": "v" for i in range(19)} | {"K" * 40: "\u00e9\n\t" + "x" * 497}
+    body = {"buyer_account_id": ids["usd1"], "seller_account_id": ids["usd2"], "amount": "0.01",
+            "capture_method": "manual", "authorization_expires_in": 2592000,
+            "reference": " !~" + "r" * 125, "metadata": edge_meta}
+    r = client.post("/payments", json=body)
+    assert r.status_code == 202, r.get_json()
+    got = r.get_json()
+    assert (got["reference"], got["metadata"], got["capture_method"]) == (body["reference"], edge_meta, "manual")
+    assert got["authorization_expires_at"] is not None
+    for extra in ({"reference": None, "metadata": None}, {"metadata": {}}, {"authorization_expires_in": 1},
+                  {"authorization_expires_in": None}, {"capture_method": "automatic", "authorization_expires_in": None},
+                  {"metadata": {"a-b_c.D9": ""}}):
+        r = client.post("/payments", json={**body, **extra})
+        assert r.status_code == 202, (extra, r.get_json())
+        got = r.get_json()
+        assert got["metadata"] == ((extra["metadata"] or {}) if "metadata" in extra else edge_meta)
+        assert got["reference"] == extra.get("reference", body["reference"])
+        assert got["capture_method"] == extra.get("capture_method", "manual")
+        assert (got["authorization_expires_at"] is None) == (got["capture_method"] == "automatic")
+        if got["capture_method"] == "manual":  # counted from acceptance
+            seconds = {1: 1, None: 604800}.get(extra.get("authorization_expires_in", 0), 2592000)
+            assert (datetime.fromisoformat(got["authorization_expires_at"]) - datetime.fromisoformat(
+                got["created_at"])).total_seconds() == seconds, (extra, got)
+    r = client.post("/accounts", json={"name": "edge", "currency": "USD", "metadata": edge_meta})
+    assert r.status_code == 201 and r.get_json()["metadata"] == edge_meta, r.get_json()
+    r = client.post("/accounts", json={"name": "edge", "currency": "USD", "metadata": None})
+    assert r.status_code == 201 and r.get_json()["metadata"] == {}, r.get_json()
+    r = client.get("/payments", query_string={"reference": body["reference"]})
+    assert r.status_code == 200 and r.get_json()["payments"], r.get_json()
+    assert client.get("/payments", query_string={"reference": "r" * 128}).status_code == 200
 
 
 def test_batch_lists_every_bad_index(client, ids, nothing_written):
@@ -445,9 +757,30 @@ def mostly_valid(required: dict, optional: dict):
     keys = list(required)
     return st.tuples(
         st.fixed_dictionaries(required, optional=optional),
-        usually(st.none(), st.sampled_from(keys), 9),
+        usually(st.none(), st.sampled_from(keys), 9) if keys else st.none(),
         usually(st.none(), st.tuples(st.text(min_size=1, max_size=8), st.integers()), 9),
     ).map(lambda t: {**{k: v for k, v in t[0].items() if k != t[1]}, **(dict([t[2]]) if t[2] else {})})
+
+
+METADATA_KEYS = st.one_of(st.from_regex(r"\A[A-Za-z0-9_.\-]{1,40}\Z"), st.text(max_size=45))
+
+
+def metadata(ids):
+    values = usually(st.text(max_size=30), st.one_of(st.text(min_size=490, max_size=510), scalars(ids)), 9)
+    return usually(st.dictionaries(METADATA_KEYS, values, max_size=22), json_values(ids))
+
+
+def references(ids):
+    return usually(st.from_regex(r"\A[\x20-\x7e]{1,130}\Z"), st.one_of(st.text(max_size=130), scalars(ids)))
+
+
+def lifecycle_fields(ids) -> dict:
+    return {"capture_method": usually(st.sampled_from(["automatic", "manual"]),
+                                      st.one_of(st.sampled_from(["Manual", "", "MANUAL", "auto"]), scalars(ids))),
+            "authorization_expires_in": usually(st.integers(min_value=1, max_value=2592000),
+                                                st.one_of(st.integers(min_value=-10, max_value=2**40),
+                                                          scalars(ids))),
+            "metadata": metadata(ids), "reference": references(ids)}
 
 
 def objects(ids, path):
@@ -456,12 +789,16 @@ def objects(ids, path):
         account = usually(known, scalars(ids), 9)
         return mostly_valid(
             {"buyer_account_id": account, "seller_account_id": account, "amount": amounts(ids)},
-            {"currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids))})
+            {"currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids)), **lifecycle_fields(ids)})
+    if path == "capture":
+        return mostly_valid({}, {"amount": amounts(ids)})
+    if path == "refunds":
+        return mostly_valid({}, {"amount": amounts(ids), "metadata": metadata(ids), "reference": references(ids)})
     return mostly_valid(
         {"name": usually(st.text(min_size=1, max_size=30), scalars(ids))},
         {"currency": usually(st.sampled_from(["USD", "eur", "BTC", "ETH", "XYZ", ""]), scalars(ids)),
          "currency_id": usually(st.sampled_from([1, 2, 3, 4, 99]), scalars(ids)),
-         "amount": amounts(ids)})
+         "amount": amounts(ids), "metadata": metadata(ids)})
 
 
 def encode(value) -> str:
@@ -496,6 +833,78 @@ def test_fuzz_never_5xx(app, ids, path):
             assert response.status_code in (201, 202), response.status_code
 
     run()
+
+
+def fuzz_body(text_: str, mangle: str) -> bytes:
+    if mangle == "cut":
+        text_ = text_[: len(text_) // 2]
+    elif mangle == "junk":
+        text_ += "}"
+    elif mangle == "empty":
+        text_ = ""
+    return text_.encode("utf-8", "surrogatepass")
+
+
+@pytest.mark.parametrize("action", ["capture", "refunds"])
+def test_fuzz_lifecycle_never_5xx(app, db, ids, action):
+    """Fuzzed bodies against POST /payments/<id>/capture of a real authorized payment and
+    /refunds of a real completed one. Whenever one succeeds (a capture, or refunds using up what
+    is left), the next examples get a fresh payment in that state, so the fuzz keeps reaching the
+    ledger. Accepted refunds are applied at once, as a worker would."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+    buyer = client.post("/accounts", json={"name": "fuzz-buyer", "currency": "USD", "amount": "100000000"}).get_json()
+    seller = client.post("/accounts", json={"name": "fuzz-seller", "currency": "USD"}).get_json()
+    parties = {"buyer_account_id": buyer["id"], "seller_account_id": seller["id"]}
+    method = "manual" if action == "capture" else "automatic"
+    state = "authorized" if action == "capture" else "completed"
+
+    made: list[int] = []
+
+    def fresh() -> int:
+        made.append(applied(client, db, {**parties, "amount": "250000", "capture_method": method}, state))
+        return made[-1]
+
+    target = [fresh()]
+    seen = defaultdict(int)
+
+    @hsettings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=usually(objects(ids, action), json_values(ids)),
+           mangle=st.sampled_from([""] * 16 + ["cut", "junk", "empty"]))
+    def run(body, mangle):
+        raw = fuzz_body(encode(body), mangle)
+        headers = {"Content-Type": "application/json"} if raw else {}
+        response = client.post(f"/payments/{target[0]}/{action}", data=raw, headers=headers)
+        seen[response.status_code] += 1
+        assert response.status_code < 500, (raw, response.get_data(as_text=True))
+        if response.status_code >= 400:
+            error = assert_error(response, response.status_code)
+            if response.status_code == 409:
+                raise AssertionError(f"409 on a payment that is {state}: {error}")
+            if error["code"] == "refund_exceeds_payment" and error["details"]["refundable"] == "0":
+                target[0] = fresh()
+            return
+        got = response.get_json()
+        if action == "capture":
+            assert response.status_code == 200 and got["status"] == "completed", got
+            assert Decimal(got["amount_captured"]) <= Decimal("250000")
+            target[0] = fresh()
+        else:
+            assert response.status_code == 202 and got["refund_of"] == target[0], got
+            made.append(got["id"])
+            apply_now(client, db, got["id"])
+
+    run()
+    print(f"\n{action}: {dict(seen)}")
+    assert seen[200 if action == "capture" else 202] > 0, dict(seen)  # the fuzz reached the ledger
+    # The books of these two accounts and these payments (the session's database holds other
+    # tests' rows too, so only their lines of the reconciliation are looked at).
+    ours = [f"account {buyer['id']}:", f"account {seller['id']}:", *(f"payment {p}:" for p in made)]
+    with db.transaction() as s:
+        assert [p for p in ledger.reconcile(s) if p.startswith(tuple(ours))] == []
+        total = s.execute(sql("SELECT sum(balance) FROM accounts WHERE id = ANY(:ids)"),
+                          {"ids": [buyer["id"], seller["id"]]}).scalar_one()
+    assert total == Decimal("100000000")
 
 
 def test_chunked_body_over_limit_through_gunicorn(api_url, ids, nothing_written):
