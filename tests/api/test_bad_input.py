@@ -350,6 +350,19 @@ for method, path, body in (("POST", "/accounts", acct('"1"')), ("POST", "/paymen
                           {"Authorization": value}))
 
 
+# --- a key given twice: the body reads two ways (first or last value wins), so it is refused -------
+for name, path, body in [
+    ("payment-amount-twice", "/payments", pay('"1"', extra=', "amount": "100"')),
+    ("payment-buyer-twice", "/payments", pay('"1"', extra=', "buyer_account_id": $usd2')),
+    ("payment-same-value-twice", "/payments", pay('"1"', extra=', "amount": "1"')),
+    ("account-amount-twice", "/accounts", acct('"1"', extra=', "amount": "1000"')),
+    ("batch-atomic-twice", "/payments/batch", '{"atomic": true, "payments": [' + pay('"1"') + '], "atomic": false}'),
+    ("batch-item-amount-twice", "/payments/batch", '{"payments": [' + pay('"1"', extra=', "amount": "9"') + "]}"),
+    ("nested-object-key-twice", "/payments", pay('"1"', extra=', "x": {"a": 1, "a": 2}')),
+]:
+    CASES.append(case(f"POST {path} duplicate-key {name}", "POST", path, body, 400, "malformed_request"))
+
+
 @pytest.mark.parametrize("method,path,body,status,code,headers", CASES)
 def test_bad_input(app, client, ids, nothing_written, method, path, body, status, code, headers):
     path = Template(path).substitute(ids)
