@@ -100,6 +100,14 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A plain read transaction (rolled back at the end: it writes nothing, so it needs no
+        retry)."""
+        with self._sessions() as session, session.begin():
+            yield session
+            session.rollback()
+
     def run(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
         """Run `work` in a transaction, again from scratch after a deadlock or serialization
         failure (work must therefore have no side effects outside the database)."""

@@ -7,6 +7,7 @@ from flask import Blueprint, request
 
 from api import render
 from api.parsing import encode_cursor, int_arg, page_args, parse_body, validate
+from api.routes.backpressure import admit_new_work, batch_replay
 from api.routes.idempotency import idempotency_key
 from api.schemas import MAX_ID, BatchCreate, PaymentCreate
 from api.wallet import wallet
@@ -29,8 +30,8 @@ def create_payment():
     req = _request(parse_body(PaymentCreate))
     w = wallet()
     key = idempotency_key("payment", lambda: req.canonical(ledger.check_payment(w.currencies, req)))
-    w.admission.admit(1)
-    row, created = ledger.accept_payment(w.db, w.currencies, req, key)
+    replay = admit_new_work([req], key, "payment", queries.get_payment)
+    row, created = (replay, False) if replay else ledger.accept_payment(w.db, w.currencies, req, key)
     if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
         metrics.PAYMENTS_ACCEPTED.labels("single").inc()
         w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])
@@ -71,9 +72,12 @@ def create_batch():
     key = idempotency_key("batch", lambda: {
         "atomic": body.atomic,
         "payments": [r.canonical(ledger.check_payment(w.currencies, r)) for r in reqs]})
-    w.admission.admit(len(reqs))
-    with w.db.transaction() as session:
-        batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
+    replay = admit_new_work(reqs, key, "batch", batch_replay)
+    if replay:
+        batch_id, rows, created = replay["id"], replay["payments"], False
+    else:
+        with w.db.transaction() as session:
+            batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
     if created:
         metrics.PAYMENTS_ACCEPTED.labels("atomic_batch" if body.atomic else "batch").inc(len(rows))
         _enqueue_batch(w, batch_id, rows, body.atomic)

@@ -19,13 +19,13 @@ from common.ledger.accepting import (
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
 from common.ledger.applying import Outcome, apply_atomic_batch, apply_payments
 from common.ledger.currencies import Currencies, Currency, parse_amount
-from common.ledger.idempotency import IdempotencyKey, idempotent
+from common.ledger.idempotency import IdempotencyKey, idempotent, replayed
 from common.ledger.reconciling import reconcile
 
 __all__ = [
     "PAYMENT_COLUMNS", "Currencies", "Currency", "IdempotencyKey", "Outcome", "PaymentRequest",
     "accept_payment", "apply_atomic_batch", "apply_payments", "batch_refused", "check_payment",
     "check_payments", "create_account", "idempotent", "issuance_account_id", "open_account",
-    "parse_amount", "payment_problems", "reconcile", "set_account_status", "submit_batch",
+    "parse_amount", "payment_problems", "reconcile", "replayed", "set_account_status", "submit_batch",
     "submit_payment", "submit_payments",
 ]

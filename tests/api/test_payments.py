@@ -253,3 +253,54 @@ def test_backlog_full_answers_429_and_records_nothing(fresh_database_url, broker
     with wallet.db.transaction() as s:
         assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 1
     wallet.db.dispose()
+
+
+def test_backlog_full_still_answers_replays_and_bad_requests(fresh_database_url, broker_url):
+    """Admission control refuses new work only: a retry of an accepted payment or batch (same
+    Idempotency-Key and body) gets its original answer, a key reused with another body its 409,
+    and an invalid request its 422, even while new payments answer 429."""
+    app = create_app(make_settings(fresh_database_url, broker_url, max_pending=1))
+    client = app.test_client()
+    a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
+    b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()
+    one = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
+    wallet = app.extensions["wallet"]
+    wallet.admission._refresh_s = 0
+    # No worker on this database: what is accepted stays pending. The batch fits (empty backlog).
+    batch = client.post("/payments/batch", json={"payments": [one, one]},
+                        headers={**AUTH, "Idempotency-Key": "batch-1"})
+    assert batch.status_code == 202
+    first = client.post("/payments", json=one, headers={**AUTH, "Idempotency-Key": "pay-1"})
+    assert first.status_code == 429  # the backlog is full now
+    # ...so this one is accepted only with the bound lifted, then the bound is back.
+    wallet.admission.max_pending = 0
+    first = client.post("/payments", json=one, headers={**AUTH, "Idempotency-Key": "pay-1"})
+    assert first.status_code == 202
+    wallet.admission.max_pending = 1
+
+    replay = client.post("/payments", json=one, headers={**AUTH, "Idempotency-Key": "pay-1"})
+    assert replay.status_code == 202, replay.get_json()
+    assert replay.get_json() == first.get_json()
+    assert replay.headers["Location"] == first.headers["Location"]
+    replay = client.post("/payments/batch", json={"payments": [one, one]},
+                         headers={**AUTH, "Idempotency-Key": "batch-1"})
+    assert replay.status_code == 202, replay.get_json()
+    assert replay.get_json() == batch.get_json()
+
+    other = {**one, "amount": "2"}
+    assert_error(client.post("/payments", json=other, headers={**AUTH, "Idempotency-Key": "pay-1"}),
+                 409, "idempotency_conflict")
+    assert_error(client.post("/payments", json=other, headers={**AUTH, "Idempotency-Key": "pay-2"}),
+                 429, "backlog_full")
+    assert_error(client.post("/payments", json=other, headers=AUTH), 429, "backlog_full")
+    unknown = {**one, "seller_account_id": 987654321}
+    assert_error(client.post("/payments", json=unknown, headers=AUTH), 422, "unknown_account")
+    assert_error(client.post("/payments", json=unknown, headers={**AUTH, "Idempotency-Key": "pay-3"}),
+                 422, "unknown_account")
+    error = assert_error(client.post("/payments/batch", json={"payments": [one, unknown]}, headers=AUTH),
+                         422, "validation_error")
+    assert [d["index"] for d in error["details"]] == [1]
+    with wallet.db.transaction() as s:
+        assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 3
+        assert s.execute(text("SELECT count(*) FROM idempotency_keys")).scalar_one() == 2
+    wallet.db.dispose()
