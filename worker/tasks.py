@@ -118,6 +118,7 @@ def apply_atomic_batch(self, batch_id: int) -> None:
 def sweep(self) -> None:
     db, sender = runtime()
     swept = sweeper.sweep(db, sender, get_settings().sweep_after_seconds)
+    metrics.record_sweep_run(time.time())
     if swept:
         log.info("re-enqueued %d pending payments", swept)
 
