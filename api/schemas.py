@@ -67,7 +67,8 @@ class Payment(BaseModel):
     amount: AmountOut
     currency_id: int
     currency: str
-    failure_code: Optional[Literal["insufficient_funds", "account_frozen", "batch_failed"]]
+    failure_code: Optional[Literal["insufficient_funds", "account_frozen", "batch_failed",
+                                    "internal_error"]]
     batch_id: Optional[int]
     created_at: datetime
     completed_at: Optional[datetime]

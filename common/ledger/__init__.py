@@ -10,6 +10,7 @@ nothing else writes balances.
 - accepting: validating and recording payments as `pending`
 - applying: the worker's side, moving money (locking discipline in its docstring)
 - entries: the ledger entries every balance change writes
+- isolating: failing what cannot be applied (internal_error), so it holds up nothing
 - reconciling: the invariants over the whole database
 """
 from common.ledger.accepting import (
@@ -17,14 +18,15 @@ from common.ledger.accepting import (
     payment_problems, submit_batch, submit_payment, submit_payments,
 )
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
-from common.ledger.applying import Outcome, apply_atomic_batch, apply_payments
+from common.ledger.applying import Outcome, apply_as_one_set, apply_atomic_batch, apply_payments
 from common.ledger.currencies import Currencies, Currency, parse_amount
+from common.ledger.isolating import fail_payments
 from common.ledger.idempotency import IdempotencyKey, idempotent, replayed
 from common.ledger.reconciling import reconcile
 
 __all__ = [
     "PAYMENT_COLUMNS", "Currencies", "Currency", "IdempotencyKey", "Outcome", "PaymentRequest",
-    "accept_payment", "apply_atomic_batch", "apply_payments", "batch_refused", "check_payment",
+    "accept_payment", "apply_as_one_set", "apply_atomic_batch", "fail_payments", "apply_payments", "batch_refused", "check_payment",
     "check_payments", "create_account", "idempotent", "issuance_account_id", "open_account",
     "parse_amount", "payment_problems", "reconcile", "replayed", "set_account_status", "submit_batch",
     "submit_payment", "submit_payments",
