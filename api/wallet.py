@@ -27,7 +27,7 @@ class Wallet:
         # Seeded by a migration and never changed at run time: loaded once, on first use (not at
         # start-up, so an API process starts even while the database is down).
         if self._currencies is None:
-            with self.db.transaction() as session:
+            with self.db.read() as session:
                 self._currencies = Currencies.load(session)
         return self._currencies
 

@@ -100,7 +100,7 @@ def apply_payments(self, payment_ids: list[int]) -> None:
         chunk = payment_ids[start:start + limit]
         started = time.perf_counter()
         try:
-            outcomes = db.run(lambda session: ledger.apply_payments(session, chunk))
+            outcomes = db.unit_of_work(lambda session: ledger.apply_payments(session, chunk))
         except Exception as exc:
             if _unavailable(exc):
                 raise  # WalletTask retries the message
@@ -122,7 +122,7 @@ def apply_atomic_batch(self, batch_id: int) -> None:
     error = None
     for attempt in range(1, APPLY_ATTEMPTS + 1):
         try:
-            outcomes = db.run(lambda session: ledger.apply_atomic_batch(session, batch_id))
+            outcomes = db.unit_of_work(lambda session: ledger.apply_atomic_batch(session, batch_id))
             break
         except Exception as exc:
             if _unavailable(exc):
@@ -143,7 +143,7 @@ APPLY_ATTEMPTS = 3
 
 def _unavailable(exc: BaseException) -> bool:
     """PostgreSQL unreachable (or no connection free): the task retries later. Anything else that
-    escapes `Database.run` (which retries deadlocks and serialization failures itself) is an error
+    escapes `Database.unit_of_work` (which retries deadlocks and serialization failures itself) is an error
     that running the same transaction again does not cure."""
     return isinstance(exc, PoolTimeout) or (isinstance(exc, DBAPIError) and is_unavailable(exc))
 
@@ -165,7 +165,7 @@ def _apply_alone(db: Database, payment_id: int) -> list[ledger.Outcome]:
     error = None
     for attempt in range(1, APPLY_ATTEMPTS + 1):
         try:
-            return db.run(lambda session: ledger.apply_payments(session, [payment_id]))
+            return db.unit_of_work(lambda session: ledger.apply_payments(session, [payment_id]))
         except Exception as exc:
             if _unavailable(exc):
                 raise
@@ -198,7 +198,7 @@ def _fail_atomic_batch(db: Database, batch_id: int, error: BaseException) -> lis
 
 def _fail_internal(db: Database, codes, error: BaseException, **fields) -> list[ledger.Outcome]:
     try:
-        outcomes = db.run(lambda session: ledger.fail_payments(session, codes))
+        outcomes = db.unit_of_work(lambda session: ledger.fail_payments(session, codes))
     except Exception as exc:
         if _unavailable(exc):
             raise

@@ -41,7 +41,7 @@ def create_payment():
 @bp.get("/payments/<id:payment_id>")
 def get_payment(payment_id: int):
     w = wallet()
-    with w.db.transaction() as session:
+    with w.db.read() as session:
         row = queries.get_payment(session, payment_id)
     return render.payment(row, w.currencies)
 
@@ -53,7 +53,7 @@ def list_payments():
     if status is not None and status not in STATUSES:
         raise MalformedRequest(f"status must be one of {', '.join(STATUSES)}", {"parameter": "status"})
     w = wallet()
-    with w.db.transaction() as session:
+    with w.db.read() as session:
         page = queries.list_payments(
             session, after=after, limit=limit, status=status,
             account_id=int_arg("account_id", None, 1, MAX_ID),
@@ -76,8 +76,8 @@ def create_batch():
     if replay:
         batch_id, rows, created = replay["id"], replay["payments"], False
     else:
-        with w.db.transaction() as session:
-            batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
+        batch_id, rows, created = w.db.unit_of_work(
+            lambda session: ledger.submit_batch(session, w.currencies, reqs, body.atomic, key))
     if created:
         metrics.PAYMENTS_ACCEPTED.labels("atomic_batch" if body.atomic else "batch").inc(len(rows))
         _enqueue_batch(w, batch_id, rows, body.atomic)
@@ -99,7 +99,7 @@ def _batch_requests(items: list[dict]) -> list[ledger.PaymentRequest]:
     if problems or ledger.check_payments(w.currencies, reqs)[1]:
         # The well-formed items are checked against the accounts too, so that the client sees
         # every bad index at once.
-        with w.db.transaction() as session:
+        with w.db.read() as session:
             found = ledger.payment_problems(session, w.currencies, reqs)
         problems = sorted(problems + [(parsed[i][0], exc) for i, exc in found], key=lambda p: p[0])
         raise ledger.batch_refused(problems, len(items))
@@ -118,5 +118,5 @@ def _enqueue_batch(w, batch_id: int, rows, atomic: bool) -> None:
 
 @bp.get("/batches/<id:batch_id>")
 def get_batch(batch_id: int):
-    with wallet().db.transaction() as session:
+    with wallet().db.read() as session:
         return render.batch(queries.get_batch(session, batch_id))

@@ -88,27 +88,30 @@ def test_backlog_gauges_read_at_scrape_time(fresh_database_url, broker_url):
         assert sample(text, "wallet_database_up") == 1
         buyer, seller = open_account(client, "10"), open_account(client)
         ids = [pay(client, buyer["id"], seller["id"], "1")["id"] for _ in range(3)]
-        with db.transaction() as s:
+        def age(s):
             s.execute(sql("UPDATE payments SET created_at = now() - interval '120 seconds' WHERE id = :id"),
                       {"id": ids[0]})
+        db.unit_of_work(age)
         text = client.get("/metrics").get_data(as_text=True)
         assert sample(text, "wallet_payments_pending") == 3
         assert 120 <= sample(text, "wallet_oldest_pending_age_seconds") < 180
-        with db.transaction() as s:
+        def fail_oldest(s):
             s.execute(sql("UPDATE payments SET status = 'failed', failure_code = 'insufficient_funds',"
                           " completed_at = now() WHERE id = :id"), {"id": ids[0]})
+        db.unit_of_work(fail_oldest)
         text = client.get("/metrics").get_data(as_text=True)
         assert sample(text, "wallet_payments_pending") == 2
         assert sample(text, "wallet_oldest_pending_age_seconds") < 60
         # Cheap however many payments are done: the scrape reads the partial index of pending ones.
         from api.metrics import BacklogCollector
-        with db.transaction() as s:
+        def done_ones(s):
             s.execute(sql(
                 "INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount,"
                 " status, completed_at) SELECT :b, :s, 1, 1, 'completed', now()"
                 " FROM generate_series(1, 20000)"), {"b": buyer["id"], "s": seller["id"]})
             s.execute(sql("ANALYZE payments"))
-        with db.transaction() as s:
+        db.unit_of_work(done_ones)
+        with db.read() as s:
             plan = "\n".join(s.execute(sql("EXPLAIN " + BacklogCollector.SQL.text)).scalars())
         assert "payments_pending_idx" in plan and "Seq Scan" not in plan, plan
     finally:

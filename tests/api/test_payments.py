@@ -45,7 +45,7 @@ def test_amount_forms_are_exact(client, db):
         assert response.status_code == 202, (raw, response.get_json())
         payment = response.get_json()
         assert payment["amount"] == shown, raw
-        with db.transaction() as s:
+        with db.read() as s:
             stored = s.execute(text("SELECT amount FROM payments WHERE id = :id"), {"id": payment["id"]}).scalar_one()
         assert format(stored.normalize(), "f") == shown
 
@@ -116,7 +116,7 @@ def test_list_unfiltered_every_row_once(client, db):
     a, b = open_account(client, "100", name="ua"), open_account(client, name="ub")
     for _ in range(5):
         pay(client, a["id"], b["id"], "1")
-    with db.transaction() as s:
+    with db.read() as s:
         expected = list(s.execute(text("SELECT id FROM payments ORDER BY id DESC")).scalars())
     assert _ids(_pages(client, "", 37)) == expected
     default = client.get("/payments").get_json()
@@ -127,7 +127,7 @@ def test_pagination_while_inserting(app, client, db):
     a, b = open_account(client, "1000000", name="ins-a"), open_account(client, name="ins-b")
     for _ in range(40):
         pay(client, a["id"], b["id"], "1")
-    with db.transaction() as s:
+    with db.read() as s:
         existing_all = set(s.execute(text("SELECT id FROM payments")).scalars())
         existing_a = set(s.execute(text("SELECT id FROM payments WHERE buyer_account_id = :a"),
                                    {"a": a["id"]}).scalars())
@@ -230,7 +230,7 @@ def test_concurrent_first_requests_with_one_key(api_url, db):
     assert len(results) == threads_n
     assert {status for status, _ in results} == {202}, results
     assert len({pid for _, pid in results}) == 1, results
-    with db.transaction() as s:
+    with db.read() as s:
         assert s.execute(text("SELECT count(*) FROM payments WHERE buyer_account_id = :a"),
                          {"a": a["id"]}).scalar_one() == 1
 
@@ -250,7 +250,7 @@ def test_backlog_full_answers_429_and_records_nothing(fresh_database_url, broker
         error = assert_error(response, 429, "backlog_full")
         assert error["details"] == {"pending": 1, "max_pending": 1}
         assert response.headers["Retry-After"] == "1"
-    with wallet.db.transaction() as s:
+    with wallet.db.read() as s:
         assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 1
     wallet.db.dispose()
 
@@ -300,7 +300,7 @@ def test_backlog_full_still_answers_replays_and_bad_requests(fresh_database_url,
     error = assert_error(client.post("/payments/batch", json={"payments": [one, unknown]}, headers=AUTH),
                          422, "validation_error")
     assert [d["index"] for d in error["details"]] == [1]
-    with wallet.db.transaction() as s:
+    with wallet.db.read() as s:
         assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 3
         assert s.execute(text("SELECT count(*) FROM idempotency_keys")).scalar_one() == 2
     wallet.db.dispose()

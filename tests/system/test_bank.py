@@ -161,7 +161,7 @@ def test_bank(fresh_database_url, services, tmp_path):
                 started.append(processes.start_worker(env, logs, name="bank-w3"))
 
                 wait_until(lambda: clients.count() >= PAYMENTS * 0.4, 60, "payments before the flush")
-                with db.transaction() as s:
+                with db.read() as s:
                     faults["pending_at_flush"] = s.execute(text(
                         "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
                 faults["broker_keys_at_flush"] = broker_redis.dbsize()
@@ -202,7 +202,7 @@ def test_bank(fresh_database_url, services, tmp_path):
 
         invariants.wait_all_terminal(db, list(clients.accepted), timeout_s=60)
         counts = invariants.check(db, openings, clients.accepted)
-        with db.transaction() as s:
+        with db.read() as s:
             assert ledger.reconcile(s) == []
             total_payments = s.execute(text("SELECT count(*) FROM payments")).scalar_one()
             key_rows = dict(s.execute(text(

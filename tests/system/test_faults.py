@@ -54,7 +54,7 @@ def proxied(database_url: str) -> tuple[TcpProxy, str]:
 
 
 def count_payments(db: Database) -> int:
-    with db.transaction() as s:
+    with db.read() as s:
         return s.execute(text("SELECT count(*) FROM payments")).scalar_one()
 
 
@@ -119,7 +119,7 @@ def test_database_unreachable(fresh_database_url, services, stack):
             assert wait_terminal(api, waiting)["status"] == "completed"
             assert api.get("/ready").status_code == 200
             assert Decimal(api.get(f"/accounts/{a}").json()["balance"]) == Decimal("94")
-        with db.transaction() as s:
+        with db.read() as s:
             assert ledger.reconcile(s) == []
             assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 3
     finally:
@@ -193,7 +193,7 @@ def test_worker_killed_in_flight(fresh_database_url, services, stack):
             # Kill the worker while it holds messages it has not acknowledged.
             wait_until(lambda: broker_redis.hlen("unacked") > 0, 10, "the worker to take messages")
             first.kill(signal.SIGKILL)
-            with db.transaction() as s:
+            with db.read() as s:
                 pending_at_kill = s.execute(text(
                     "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
             assert pending_at_kill > 0
@@ -202,7 +202,7 @@ def test_worker_killed_in_flight(fresh_database_url, services, stack):
 
         invariants.wait_all_terminal(db, list(accepted), timeout_s=60)
         counts = invariants.check(db, openings, accepted)  # 2 entries per completed, 0 per failed
-        with db.transaction() as s:
+        with db.read() as s:
             assert ledger.reconcile(s) == []
         assert counts.get("completed", 0) > 0 and counts.get("failed", 0) > 0, counts
         print(f"\nworker kill: {pending_at_kill} pending at the kill, {counts}")

@@ -22,7 +22,7 @@ def poison(db):
     made = []
 
     def make(payment_id: int) -> None:
-        with db.transaction() as s:
+        def create(s):
             s.execute(text(
                 f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$"
                 " BEGIN RAISE EXCEPTION 'poisoned payment %', NEW.payment_id"
@@ -30,22 +30,25 @@ def poison(db):
             s.execute(text(
                 f"CREATE TRIGGER {name} BEFORE INSERT ON ledger_entries FOR EACH ROW"
                 f" WHEN (NEW.payment_id = {int(payment_id)}) EXECUTE FUNCTION {name}()"))
+        db.unit_of_work(create)
         made.append(name)
     yield make
     for n in made:
-        with db.transaction() as s:
+        def drop(s):
             s.execute(text(f"DROP TRIGGER {n} ON ledger_entries"))
             s.execute(text(f"DROP FUNCTION {n}()"))
+        db.unit_of_work(drop)
 
 
 def accounts(db, count: int, opening: str = "100") -> list[int]:
-    with db.transaction() as s:
+    def create(s):
         usd = ledger.Currencies.load(s).by_id[1]
         return [ledger.create_account(s, usd, f"poison-{n}", Decimal(opening)) for n in range(count)]
+    return db.unit_of_work(create)
 
 
 def statuses(db, ids) -> dict[int, tuple[str, str | None]]:
-    with db.transaction() as s:
+    with db.read() as s:
         return {r.id: (r.status, r.failure_code) for r in s.execute(text(
             "SELECT id, status, failure_code FROM payments WHERE id = ANY(:ids)"), {"ids": list(ids)})}
 
@@ -61,10 +64,8 @@ def logged_internal_error(worker, payment_id: int) -> bool:
 
 def test_one_poisoned_payment_does_not_block_its_message(db, settings, worker, poison):
     buyer, *sellers = accounts(db, 21)
-    with db.transaction() as s:
-        currencies = ledger.Currencies.load(s)
-        rows = ledger.submit_payments(s, currencies, [ledger.PaymentRequest(buyer, seller, "1")
-                                                      for seller in sellers])
+    rows = db.unit_of_work(lambda s: ledger.submit_payments(
+        s, ledger.Currencies.load(s), [ledger.PaymentRequest(buyer, seller, "1") for seller in sellers]))
     ids = [r["id"] for r in rows]
     culprit = ids[7]
     poison(culprit)
@@ -78,7 +79,7 @@ def test_one_poisoned_payment_does_not_block_its_message(db, settings, worker, p
     assert done[culprit] == ("failed", "internal_error")
     assert all(done[i] == ("completed", None) for i in ids if i != culprit), done
     wait_until(lambda: logged_internal_error(worker, culprit), 10, "the culprit's id in the worker's log")
-    with db.transaction() as s:
+    with db.read() as s:
         assert s.execute(text("SELECT balance FROM accounts WHERE id = :id"), {"id": buyer}).scalar_one() == 81
         assert s.execute(text("SELECT count(*) FROM ledger_entries WHERE payment_id = :p"),
                          {"p": culprit}).scalar_one() == 0
@@ -86,11 +87,9 @@ def test_one_poisoned_payment_does_not_block_its_message(db, settings, worker, p
 
 def test_a_poisoned_payment_fails_its_atomic_batch(db, settings, worker, poison):
     a, b, c = accounts(db, 3)
-    with db.transaction() as s:
-        currencies = ledger.Currencies.load(s)
-        batch_id, rows, _ = ledger.submit_batch(s, currencies, [
-            ledger.PaymentRequest(a, b, "5"), ledger.PaymentRequest(b, c, "5"),
-            ledger.PaymentRequest(c, a, "5")], atomic=True)
+    batch_id, rows, _ = db.unit_of_work(lambda s: ledger.submit_batch(s, ledger.Currencies.load(s), [
+        ledger.PaymentRequest(a, b, "5"), ledger.PaymentRequest(b, c, "5"),
+        ledger.PaymentRequest(c, a, "5")], atomic=True))
     ids = [r["id"] for r in rows]
     poison(ids[1])
     Sender(make_celery(settings), settings).send_atomic_batch(batch_id)
@@ -100,7 +99,7 @@ def test_a_poisoned_payment_fails_its_atomic_batch(db, settings, worker, poison)
     assert done == {ids[0]: ("failed", "batch_failed"), ids[1]: ("failed", "internal_error"),
                     ids[2]: ("failed", "batch_failed")}
     wait_until(lambda: logged_internal_error(worker, ids[1]), 10, "the culprit's id in the worker's log")
-    with db.transaction() as s:
+    with db.read() as s:
         balances = s.execute(text("SELECT balance FROM accounts WHERE id = ANY(:ids)"),
                              {"ids": [a, b, c]}).scalars().all()
     assert balances == [100, 100, 100]
