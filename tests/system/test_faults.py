@@ -19,7 +19,6 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from common import ledger
 from common.db import Database
@@ -28,7 +27,7 @@ from tests.conftest import AUTH, make_env, make_settings
 from tests.support import invariants, processes
 from tests.support.api import open_account, pay, wait_terminal
 from tests.support.processes import wait_until
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy, proxied  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -38,24 +37,6 @@ def redis_db(url: str, index: int) -> str:
     if parts.scheme not in ("redis", "rediss"):
         pytest.skip(f"this test inspects a Redis broker; broker is {parts.scheme}")
     return urlunsplit(parts._replace(path=f"/{index}"))
-
-
-def proxied(database_url: str) -> tuple[TcpProxy, str]:
-    """A forwarder to the database server and the URL that goes through it."""
-    url = make_url(database_url)
-    socket_dir = url.query.get("host")
-    if socket_dir:  # the embedded server listens on a unix socket only
-        target = f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
-    else:
-        target = (url.host or "127.0.0.1", url.port or 5432)
-    proxy = TcpProxy(target)
-    through = url.set(host="127.0.0.1", port=proxy.port, query={})
-    return proxy, through.render_as_string(hide_password=False)
-
-
-def count_payments(db: Database) -> int:
-    with db.read() as s:
-        return s.execute(text("SELECT count(*) FROM payments")).scalar_one()
 
 
 @pytest.fixture
