@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -167,15 +168,18 @@ def _is_redis(url: str) -> bool:
 
 
 class Dispatcher:
-    """Gathers committed payments of many requests into few messages, from a background thread.
+    """Gathers committed payments of many requests into few messages, from a background thread,
+    but only while there is load (SPEC section 12).
 
-    The first payment after a quiet spell wakes the thread, which lets `window_ms` pass, then
-    takes everything gathered and sends one message per queue touched (split at `max_ids`). Under
-    load one message carries many payments (a Celery message costs about a millisecond of CPU to
-    send and another to consume, more than applying a payment); when idle a payment waits at most
-    the window. Submitting only appends to a list: waking the thread for every payment would hand
-    the GIL back and forth for each request. What is lost here (a crash, a broker outage) is still
-    `pending` in PostgreSQL, and the sweeper sends it again.
+    Idle (no send in the last `window_ms`): the first payment wakes the thread, which sends it at
+    once. Under load (a send less than a window ago, or one in progress): what arrives is gathered
+    until a window has passed since the last send began, then everything gathered goes, one
+    message per queue touched (split at `max_ids`). So a quiet system answers in milliseconds,
+    and a busy one sends at most one message per queue per window, each carrying many payments
+    (a Celery message costs about a millisecond of CPU to send and another to consume, more than
+    applying a payment). Submitting only appends to a list: waking the thread for every payment
+    would hand the GIL back and forth for each request. What is lost here (a crash, a broker
+    outage) is still `pending` in PostgreSQL, and the sweeper sends it again.
     """
 
     def __init__(self, sender: Sender, window_ms: float, max_ids: int = 500):
@@ -208,9 +212,14 @@ class Dispatcher:
                 self._pid = os.getpid()
 
     def _run(self, wake: threading.Event) -> None:
+        last_send = -math.inf
         while True:
             wake.wait()
-            time.sleep(self._window_s)  # the window: let the payments of other requests join
+            # Under load, the window: let the payments of other requests join. Idle: none.
+            gather = last_send + self._window_s - time.monotonic()
+            if gather > 0:
+                time.sleep(gather)
+            last_send = time.monotonic()
             with self._lock:
                 items, self._pending = self._pending, []
                 wake.clear()

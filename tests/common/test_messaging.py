@@ -30,9 +30,30 @@ class RecordingSender:
             return list(self.calls)
 
 
+def test_an_idle_dispatcher_sends_at_once_then_gathers_under_load():
+    """Idle: no window (the payment goes at once). Right after a send, what comes is gathered for
+    the window since that send, and goes in one send."""
+    sender = RecordingSender()
+    dispatcher = Dispatcher(sender, window_ms=2000)
+    started = time.monotonic()
+    dispatcher.submit([(1, 1, 2)])
+    sender.wait_for(1)
+    first = time.monotonic() - started
+    assert first < 1.0, first  # a whole window would be 2 s
+    dispatcher.submit([(2, 1, 2)])
+    dispatcher.submit([(3, 1, 2)])
+    calls = sender.wait_for(3)
+    second = time.monotonic() - started
+    assert [[p[0] for p in payments] for payments, _ in calls] == [[1], [2, 3]]
+    assert second >= 1.9, second  # gathered until a window after the first send
+
+
 def test_payments_of_several_requests_share_one_send():
     sender = RecordingSender()
     dispatcher = Dispatcher(sender, window_ms=200)
+    dispatcher.submit([(100, 1, 2)])  # the first after a quiet spell goes alone, at once
+    sender.wait_for(1)
+    sender.calls.clear()
     for n in range(1, 11):
         token = request_id_var.set(f"req-{n}")
         dispatcher.submit([(n, n, n + 100)])
