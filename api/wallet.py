@@ -16,10 +16,11 @@ class Wallet:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db = Database(settings)
-        self.celery = make_celery(settings)
+        self.celery = make_celery(settings, publisher=True)  # the API only sends
         self.sender = Sender(self.celery, settings)
         self.admission = Admission(self.db, settings.max_pending)
-        self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms)
+        self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms,
+                                     max_held=settings.dispatch_max_held)
         self._currencies: Currencies | None = None
 
     @property

@@ -32,8 +32,6 @@ APPLY_ATOMIC_BATCH = "wallet.apply_atomic_batch"
 SWEEP = "wallet.sweep"
 DEFAULT_QUEUE = "wallet"
 
-# A publish that cannot reach the broker gives up quickly: the payment row is committed and the
-# sweeper will send it, so blocking a request (or the dispatcher) for long buys nothing.
 # Message headers carrying request ids into the worker's log lines. The dispatcher puts payments
 # of many requests into one message, so a message maps each payment id to its request id
 # (REQUEST_IDS, {"<payment id>": "<request id>"}); an atomic batch's message carries the one
@@ -41,20 +39,34 @@ DEFAULT_QUEUE = "wallet"
 REQUEST_IDS = "wallet_request_ids"
 REQUEST_ID = "wallet_request_id"
 
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+# A publish that cannot reach the broker gives up quickly: the payment row is committed and the
+# sweeper will send it, so blocking the dispatcher (or the sweeper) for long buys nothing. Each
+# attempt waits at most Settings.publish_timeout_ms (socket timeouts below); one retry, at once.
+PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0, "interval_max": 0}
+# The consumer's BRPOP waits up to 1 s for a message (kombu's brpop_timeout); a socket timeout on
+# the worker's own connection must stay above it.
+CONSUMER_SOCKET_TIMEOUT_S = 2.0
 
 
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("wallet", broker=settings.broker_url, set_as_current=True)
+def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
+    """The Celery app. `publisher=True`: an app that only sends (the API's, the sweeper's), whose
+    every network wait is bounded by the publish timeout; it is not made the current app."""
+    app = Celery("wallet", broker=settings.broker_url, set_as_current=not publisher)
+    timeout_s = settings.publish_timeout_ms / 1000
     # Each queue is bound with its own routing key (a Queue without one would be bound with the
     # default key, and one publish would reach every queue).
     exchange = Exchange("payments", type="direct")
     payment_queues = [Queue(routing.queue_name(k), exchange, routing_key=routing.queue_name(k))
                       for k in range(settings.queues)]
-    transport_options = {"visibility_timeout": 3600}
+    # Explicit socket timeouts: without them a broker that accepts connections and never answers
+    # holds a publish forever (kombu's and redis-py's defaults wait without limit).
+    socket_timeout = timeout_s if publisher else max(timeout_s, CONSUMER_SOCKET_TIMEOUT_S)
+    transport_options = {"visibility_timeout": 3600, "socket_timeout": socket_timeout,
+                         "socket_connect_timeout": timeout_s}
     if settings.broker_url.startswith("amqp"):
         # Without publisher confirms RabbitMQ drops a publish silently during a resource alarm.
-        transport_options = {"confirm_publish": True}
+        transport_options = {"confirm_publish": True, "read_timeout": socket_timeout,
+                             "write_timeout": socket_timeout}
     app.conf.update(
         task_queues=[Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE, type="direct"),
                            routing_key=DEFAULT_QUEUE), *payment_queues],
@@ -76,7 +88,7 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=120,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
-        broker_connection_timeout=3,
+        broker_connection_timeout=timeout_s if publisher else 3,
         task_publish_retry_policy=PUBLISH_RETRY,
         worker_hijack_root_logger=False,
         beat_schedule={
@@ -95,13 +107,18 @@ class RedisPublisher:
     kombu's Redis envelope writes it, so that a plain Celery worker consumes it.
 
     Why: `send_task` costs ~0.5 ms of CPU per message in Celery and kombu (routing, argsrepr,
-    signals, the producer pool), an LPUSH ~0.1 ms, and the API sends a message every window per
-    queue. tests/common/test_messaging.py checks this format against what `send_task` writes.
+    signals, the producer pool), an LPUSH ~0.1 ms. tests/common/test_messaging.py checks this
+    format against what `send_task` writes. Bounded like every publish: the publish timeout per
+    attempt, one retry.
     """
 
-    def __init__(self, broker_url: str):
+    def __init__(self, broker_url: str, timeout_s: float):
         import redis
-        self._redis = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        self._redis = redis.Redis.from_url(broker_url, socket_timeout=timeout_s,
+                                           socket_connect_timeout=timeout_s,
+                                           retry=Retry(NoBackoff(), PUBLISH_RETRY["max_retries"]))
         self._origin = f"{os.getpid()}@{socket.gethostname()}"
         self._reply_to = str(uuid.uuid4())
 
@@ -130,17 +147,21 @@ class RedisPublisher:
 
 
 class Sender:
-    """Sends payment ids to their queues, one message per queue touched."""
+    """Sends payment ids to their queues, one message per queue touched, and atomic batches.
+    Give it a publisher app (`make_celery(settings, publisher=True)`): every publish is bounded."""
 
     def __init__(self, celery: Celery, settings: Settings):
         self._celery = celery
         self._queues = settings.queues
-        self._raw = RedisPublisher(settings.broker_url) if _is_redis(settings.broker_url) else None
+        raw = os.environ.get("WALLET_RAW_PUBLISH", "1") not in ("0", "")  # A/B switch, temporary
+        self._raw = (RedisPublisher(settings.broker_url, settings.publish_timeout_ms / 1000)
+                     if raw and _is_redis(settings.broker_url) else None)
 
     def send_payments(self, payments: Iterable[tuple[int, int, int]],
                       request_ids: Mapping[int, str] | None = None) -> int:
         """payments: (id, buyer, seller) already committed; request_ids: payment id -> the id of
-        the request that made it (for the worker's logs). Returns the number of messages."""
+        the request that made it (for the worker's logs). Returns the number of messages. Raises
+        at the first publish that fails (the rest is the sweeper's)."""
         by_queue: dict[int, list[int]] = defaultdict(list)
         for payment_id, buyer, seller in payments:
             by_queue[routing.queue_index(buyer, seller, self._queues)].append(payment_id)
@@ -182,23 +203,62 @@ class Dispatcher:
     outage) is still `pending` in PostgreSQL, and the sweeper sends it again.
     """
 
-    def __init__(self, sender: Sender, window_ms: float, max_ids: int = 500):
+    def __init__(self, sender: Sender, window_ms: float, max_ids: int = 500,
+                 max_held: int = 20_000):
         self._sender = sender
         self._window_s = window_ms / 1000
         self._max_ids = max_ids
+        # What it holds unsent (gathered, or taken by a send in progress) is at most this many
+        # payments and atomic batches; beyond, new ones are left to the sweeper. A broker that
+        # hangs holds each send for its publish timeout, so without a cap the list would be
+        # bounded only by admission control.
+        self._max_held = max_held
         self._lock = threading.Lock()
         self._pending: list[tuple[tuple[int, int, int], str | None]] = []
+        self._batches: list[tuple[int, str | None]] = []
+        self._in_flight = 0
+        self.dropped = 0  # payments and batches left to the sweeper because the cap was reached
+        self._dropped_logged_at = -math.inf
         self._wake = threading.Event()
         self._pid: int | None = None
+
+    def held(self) -> int:
+        return len(self._pending) + len(self._batches) + self._in_flight
 
     def submit(self, payments: Sequence[tuple[int, int, int]]) -> None:
         """payments: (id, buyer, seller), committed."""
         self._ensure_thread()
         request_id = current_request_id()  # the submitting request's, read in its thread
         with self._lock:
-            if not self._pending:
+            if not self._room(len(payments)):
+                return
+            if not self._pending and not self._batches:
                 self._wake.set()
             self._pending.extend((payment, request_id) for payment in payments)
+
+    def submit_atomic_batch(self, batch_id: int) -> None:
+        """An atomic batch, committed: one message, sent by the thread as well (a request thread
+        never waits for the broker)."""
+        self._ensure_thread()
+        request_id = current_request_id()
+        with self._lock:
+            if not self._room(1):
+                return
+            if not self._pending and not self._batches:
+                self._wake.set()
+            self._batches.append((batch_id, request_id))
+
+    def _room(self, count: int) -> bool:
+        """Under the lock: whether `count` more fit; if not, count and (now and then) log them."""
+        if self.held() + count <= self._max_held:
+            return True
+        self.dropped += count
+        now = time.monotonic()
+        if now - self._dropped_logged_at > 10:
+            self._dropped_logged_at = now
+            log.warning("dispatcher full (%d held, %d left to the sweeper so far): is the broker"
+                        " answering?", self.held(), self.dropped)
+        return False
 
     def _ensure_thread(self) -> None:
         # gunicorn may fork after the app was built: each process needs its own thread.
@@ -206,7 +266,8 @@ class Dispatcher:
             return
         with self._lock:
             if self._pid != os.getpid():
-                self._pending, self._wake = [], threading.Event()
+                self._pending, self._batches, self._in_flight = [], [], 0
+                self._wake = threading.Event()
                 threading.Thread(target=self._run, args=(self._wake,), name="wallet-dispatcher",
                                  daemon=True).start()
                 self._pid = os.getpid()
@@ -222,13 +283,35 @@ class Dispatcher:
             last_send = time.monotonic()
             with self._lock:
                 items, self._pending = self._pending, []
+                batches, self._batches = self._batches, []
+                self._in_flight = len(items) + len(batches)
                 wake.clear()
-            for start in range(0, len(items), self._max_ids):
-                self._send(items[start:start + self._max_ids])
+            try:
+                self._flush(items, batches)
+            finally:
+                with self._lock:
+                    self._in_flight = 0
 
-    def _send(self, items: list[tuple[tuple[int, int, int], str | None]]) -> None:
+    def _flush(self, items: list[tuple[tuple[int, int, int], str | None]],
+               batches: list[tuple[int, str | None]]) -> None:
+        """Send everything taken; at the first failure, leave the rest to the sweeper (a broker
+        that fails one publish now would most likely cost every other one its timeout too)."""
+        sends = [(self._send_payments, items[start:start + self._max_ids])
+                 for start in range(0, len(items), self._max_ids)]
+        sends += [(self._send_batch, batch) for batch in batches]
+        for n, (send, what) in enumerate(sends):
+            try:
+                send(what)
+            except Exception:  # the sweeper delivers them; a dead thread would deliver nothing
+                rest = sum(len(w) if isinstance(w, list) else 1 for _, w in sends[n:])
+                log.exception("dispatch failed; %d payments or batches left to the sweeper", rest)
+                return
+            with self._lock:
+                self._in_flight -= len(what) if isinstance(what, list) else 1
+
+    def _send_payments(self, items: list[tuple[tuple[int, int, int], str | None]]) -> None:
         request_ids = {payment[0]: rid for payment, rid in items if rid is not None}
-        try:
-            self._sender.send_payments([payment for payment, _ in items], request_ids)
-        except Exception:  # the sweeper delivers them; a dead thread would deliver nothing
-            log.exception("dispatch failed for %d payments; the sweeper will send them", len(items))
+        self._sender.send_payments([payment for payment, _ in items], request_ids)
+
+    def _send_batch(self, batch: tuple[int, str | None]) -> None:
+        self._sender.send_atomic_batch(*batch)

@@ -62,10 +62,13 @@ def runtime() -> tuple[Database, Sender]:
     if pid not in _runtime:
         with _runtime_lock:
             if pid not in _runtime:
-                from worker import app
+                from common.messaging import make_celery
                 settings = get_settings()
                 _runtime.clear()
-                _runtime[pid] = (Database(settings, pool_size=2), Sender(app, settings))
+                # The sweeper's publishes go through an app of their own, every wait bounded by
+                # the publish timeout (the worker's app keeps a longer one for its consumer).
+                _runtime[pid] = (Database(settings, pool_size=2),
+                                 Sender(make_celery(settings, publisher=True), settings))
     return _runtime[pid]
 
 

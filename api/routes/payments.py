@@ -110,10 +110,7 @@ def _enqueue_batch(w, batch_id: int, rows, atomic: bool) -> None:
     if not atomic:
         w.dispatcher.submit([(r["id"], r["buyer_account_id"], r["seller_account_id"]) for r in rows])
         return
-    try:
-        w.sender.send_atomic_batch(batch_id)
-    except Exception:  # committed: the sweeper sends it
-        log.exception("enqueue of atomic batch %s failed; the sweeper will send it", batch_id)
+    w.dispatcher.submit_atomic_batch(batch_id)  # committed: if it is lost, the sweeper sends it
 
 
 @bp.get("/batches/<id:batch_id>")

@@ -113,7 +113,7 @@ def test_raw_publish_writes_what_celery_writes(broker_url):
         app = make_celery(Settings(broker_url=url, queues=1))
         headers = {REQUEST_IDS: {"7": "req-7"}}
         app.send_task(APPLY_PAYMENTS, args=[[7, 8]], headers=headers, queue="payments.0")
-        RedisPublisher(url).publish("payments.0", APPLY_PAYMENTS, [[7, 8]], headers)
+        RedisPublisher(url, 0.5).publish("payments.0", APPLY_PAYMENTS, [[7, 8]], headers)
         ours, celerys = [json.loads(m) for m in client.lrange("payments.0", 0, -1)]  # LPUSH: newest first
     finally:
         client.delete("payments.0")

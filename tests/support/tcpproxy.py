@@ -136,3 +136,48 @@ def proxied(database_url: str) -> tuple[TcpProxy, str]:
     proxy = TcpProxy(target)
     through = url.set(host="127.0.0.1", port=proxy.port, query={})
     return proxy, through.render_as_string(hide_password=False)
+
+
+class BlackHole:
+    """A server that accepts every connection and never answers: what a hung broker looks like to
+    a client (the connection opens, the request is sent, no reply ever comes). It reads and drops
+    what it is sent, so the client's writes never block."""
+
+    def __init__(self):
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._open: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, name="blackhole-accept", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._open.append(client)
+            threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _swallow(s: socket.socket) -> None:
+        try:
+            while s.recv(65536):
+                pass
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self._closed = True
+        _close(self._listener)
+        for s in self._open:
+            _close(s)
