@@ -13,10 +13,13 @@ from scripts.services import ROOT
 from tests.api.conftest import assert_error
 from tests.conftest import AUTH, make_env, make_settings
 from tests.support.api import open_account, pay
-from tests.support.processes import BIN, wait_until
+from tests.support.processes import BIN, check_allowed, wait_until
+
+pytestmark = pytest.mark.processes  # runs the flask CLI as a subprocess
 
 
 def flask(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    check_allowed("the flask CLI")
     return subprocess.run([str(BIN / "flask"), "--app", "api", "wallet", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
