@@ -6,15 +6,11 @@ only after the rows they name are committed: PostgreSQL, not Redis, is the recor
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -102,60 +98,19 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
     return app
 
 
-class RedisPublisher:
-    """Publishes a task message with one LPUSH, written the way Celery (task protocol 2) inside
-    kombu's Redis envelope writes it, so that a plain Celery worker consumes it.
-
-    Why: `send_task` costs ~0.5 ms of CPU per message in Celery and kombu (routing, argsrepr,
-    signals, the producer pool), an LPUSH ~0.1 ms. tests/common/test_messaging.py checks this
-    format against what `send_task` writes. Bounded like every publish: the publish timeout per
-    attempt, one retry.
-    """
-
-    def __init__(self, broker_url: str, timeout_s: float):
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-        self._redis = redis.Redis.from_url(broker_url, socket_timeout=timeout_s,
-                                           socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), PUBLISH_RETRY["max_retries"]))
-        self._origin = f"{os.getpid()}@{socket.gethostname()}"
-        self._reply_to = str(uuid.uuid4())
-
-    def publish(self, queue: str, task: str, args: list, headers: Mapping | None = None) -> None:
-        task_id = str(uuid.uuid4())
-        body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-        message = {
-            "body": base64.b64encode(body.encode()).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
-                "expires": None, "group": None, "group_index": None, "retries": 0,
-                "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-                "argsrepr": f"[{len(args[0])} ids]" if args and isinstance(args[0], list) else repr(args),
-                "kwargsrepr": "{}", "origin": self._origin, "ignore_result": True,
-                "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}, **(headers or {}),
-            },
-            "properties": {
-                "correlation_id": task_id, "reply_to": self._reply_to, "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-        self._redis.lpush(queue, json.dumps(message))
-
-
 class Sender:
-    """Sends payment ids to their queues, one message per queue touched, and atomic batches.
-    Give it a publisher app (`make_celery(settings, publisher=True)`): every publish is bounded."""
+    """Sends payment ids to their queues, one message per queue touched, and atomic batches, with
+    Celery's `send_task`. Give it a publisher app (`make_celery(settings, publisher=True)`): every
+    publish is bounded.
+
+    A hand-written LPUSH of Celery's message format (RedisPublisher, ~0.1 ms of CPU against ~0.5
+    ms for send_task) was measured against send_task behind the dispatcher and lost: the
+    dispatcher sends few messages under load, and in both A/B pairs (bench/NOTES.md) the system
+    with it did worse. One format, Celery's own, for every broker."""
 
     def __init__(self, celery: Celery, settings: Settings):
         self._celery = celery
         self._queues = settings.queues
-        raw = os.environ.get("WALLET_RAW_PUBLISH", "1") not in ("0", "")  # A/B switch, temporary
-        self._raw = (RedisPublisher(settings.broker_url, settings.publish_timeout_ms / 1000)
-                     if raw and _is_redis(settings.broker_url) else None)
 
     def send_payments(self, payments: Iterable[tuple[int, int, int]],
                       request_ids: Mapping[int, str] | None = None) -> int:
@@ -169,11 +124,8 @@ class Sender:
             headers = None
             if request_ids:
                 headers = {REQUEST_IDS: {str(i): request_ids[i] for i in ids if i in request_ids}}
-            if self._raw is not None:
-                self._raw.publish(routing.queue_name(index), APPLY_PAYMENTS, [sorted(ids)], headers)
-            else:
-                self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)], headers=headers,
-                                       queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
+            self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)], headers=headers,
+                                   queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
         return len(by_queue)
 
     def send_atomic_batch(self, batch_id: int, request_id: str | None = None) -> None:
@@ -182,10 +134,6 @@ class Sender:
         self._celery.send_task(APPLY_ATOMIC_BATCH, args=[batch_id],
                                headers={REQUEST_ID: request_id} if request_id else None,
                                queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
-
-
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
 
 
 class Dispatcher:
