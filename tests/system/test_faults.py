@@ -39,6 +39,11 @@ def redis_db(url: str, index: int) -> str:
     return urlunsplit(parts._replace(path=f"/{index}"))
 
 
+def count_payments(db: Database) -> int:
+    with db.read() as s:
+        return s.execute(text("SELECT count(*) FROM payments")).scalar_one()
+
+
 @pytest.fixture
 def stack(tmp_path):
     """Processes started by a test, stopped afterwards whatever happened."""
