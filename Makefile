@@ -28,9 +28,10 @@ run-ha: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## Only the tests that need no extra processes (seconds).
+## Only the tests that start no processes but PostgreSQL and Redis (no gunicorn, Celery or CLI):
+## WALLET_TESTS_NO_PROCESSES makes any test that would start one fail.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" tests/common tests/api $(PYTEST_ARGS)
+	WALLET_TESTS_NO_PROCESSES=1 $(BIN)/python -m pytest -m "not slow and not processes" tests/common tests/api tests/worker $(PYTEST_ARGS)
 
 ## The benchmark (SPEC section 7). wrk is the load generator when it can be had (Debian's
 ## package, as root); otherwise bench falls back to its Python client, which costs more CPU.

@@ -39,7 +39,7 @@ class KeyRing:
 
     def _database_hashes(self, max_age_s: float) -> frozenset[str]:
         if self._loaded_at is None or time.monotonic() - self._loaded_at > max_age_s:
-            with wallet().db.transaction() as session:
+            with wallet().db.read() as session:
                 self._db_hashes = frozenset(session.execute(text(
                     "SELECT key_hash FROM api_keys WHERE revoked_at IS NULL")).scalars())
             self._loaded_at = time.monotonic()

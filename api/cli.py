@@ -22,7 +22,7 @@ def _db():
 @wallet_cli.command("reconcile")
 def reconcile() -> None:
     """Check invariants 1-3; exit 1 and list every violation if any is broken."""
-    with _db().transaction() as session:
+    with _db().read() as session:
         problems = ledger.reconcile(session)
     if problems:
         click.echo(f"RECONCILE FAILED: {len(problems)} violation(s)", err=True)
@@ -42,7 +42,7 @@ wallet_cli.add_command(api_key_cli)
 def create_api_key(name: str) -> None:
     """Create a key; it is shown once and only its hash is stored."""
     key = "wk_" + secrets.token_urlsafe(32)
-    with _db().transaction() as session:
-        session.execute(text("INSERT INTO api_keys (name, key_hash) VALUES (:name, :hash)"),
-                        {"name": name, "hash": hash_api_key(key)})
+    _db().unit_of_work(lambda session: session.execute(
+        text("INSERT INTO api_keys (name, key_hash) VALUES (:name, :hash)"),
+        {"name": name, "hash": hash_api_key(key)}))
     click.echo(key)

@@ -6,20 +6,24 @@ from the broker only when /metrics is scraped, in one pipelined round trip.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import text
 
 from api.wallet import wallet
 from common import metrics, routing
+from common.db import Database
 from common.logging import REQUEST_ID_HEADER, accept_request_id, get_logger, request_id_var
 from common.settings import Settings
 
 bp = Blueprint("metrics", __name__)
 access_log = get_logger("wallet.access")
+log = logging.getLogger("wallet.api")
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -28,7 +32,7 @@ def install(app: Flask, settings: Settings) -> None:
     """Register the hooks; call before any other before_request hook (auth), so that a 401 has a
     request id, is logged and is counted too."""
     metrics.configure(settings)
-    app.extensions["wallet_metrics_registry"] = _registry(settings)
+    app.extensions["wallet_metrics_registry"] = _registry(settings, app.extensions["wallet"].db)
     log_requests = settings.access_log
 
     @app.before_request
@@ -64,10 +68,12 @@ def install(app: Flask, settings: Settings) -> None:
             request_id_var.reset(token)
 
 
-def _registry(settings: Settings) -> list[CollectorRegistry]:
-    """The registries /metrics renders: all processes' metrics (or this process's), queue depths."""
+def _registry(settings: Settings, db: Database) -> list[CollectorRegistry]:
+    """The registries /metrics renders: all processes' metrics (or this process's), queue depths,
+    the backlog."""
     scrape_time = CollectorRegistry()
     scrape_time.register(QueueDepthCollector(settings))
+    scrape_time.register(BacklogCollector(db))
     if metrics.multiprocess_dir():
         summed = CollectorRegistry()
         MultiProcessCollector(summed, path=metrics.multiprocess_dir())
@@ -110,6 +116,39 @@ class QueueDepthCollector:
         with wallet().celery.connection_for_read() as conn:
             channel = conn.default_channel
             return [channel.queue_declare(queue=name, passive=True).message_count for name in self._names]
+
+
+class BacklogCollector:
+    """`wallet_payments_pending` and `wallet_oldest_pending_age_seconds`, read from PostgreSQL at
+    scrape time with one statement: the oldest is the first entry of the partial index
+    `payments_pending_idx` (only pending rows are in it), the count a range of an index over
+    status (admission control keeps it short); never a scan of the table. And
+    `wallet_database_up`."""
+
+    SQL = text("SELECT (SELECT count(*) FROM payments WHERE status = 'pending') AS pending,"
+               " coalesce(extract(epoch FROM now() - (SELECT created_at FROM payments"
+               "   WHERE status = 'pending' ORDER BY created_at LIMIT 1)), 0) AS oldest")
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    def collect(self):
+        up = GaugeMetricFamily("wallet_database_up", "1 if the database answered the backlog query")
+        try:
+            with self._db.read() as session:
+                row = session.execute(self.SQL).one()
+        except Exception as exc:  # a scrape must still answer (queue depths, counters)
+            log.warning("backlog metrics unavailable: %s", exc.__class__.__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily("wallet_payments_pending", "Payments accepted and not yet applied",
+                                value=row.pending)
+        yield GaugeMetricFamily("wallet_oldest_pending_age_seconds",
+                                "Age of the oldest pending payment (0 when none is pending)",
+                                value=float(row.oldest))
 
 
 @bp.get("/metrics")

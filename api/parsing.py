@@ -23,8 +23,26 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """An object that names a key twice can be read two ways (first or last value wins, depending
+    on the reader): refuse it rather than guess which the client meant."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(f"duplicate key {key[:100]!r} in an object")
+            seen.add(key)
+    return obj
+
+
 def json_body() -> object:
-    """The body as JSON, numbers exact (never through a float), NaN/Infinity refused."""
+    """The body as JSON, numbers exact (never through a float), NaN/Infinity and objects with a
+    key given twice refused."""
     raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH (given a Content-Length)
     limit = request.max_content_length
     if request.content_length is None and limit is not None and len(raw) >= limit:
@@ -33,7 +51,10 @@ def json_body() -> object:
         _drain(limit)
         raise RequestTooLarge(f"request body is larger than {limit} bytes")
     try:
-        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+        return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant,
+                          object_pairs_hook=_unique_keys)
+    except DuplicateKey as exc:
+        raise MalformedRequest("request body is ambiguous: " + str(exc), {"reason": str(exc)}) from None
     except (ValueError, RecursionError) as exc:
         raise MalformedRequest("request body is not valid JSON", {"reason": str(exc)[:200]}) from None
 

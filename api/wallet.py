@@ -16,10 +16,11 @@ class Wallet:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db = Database(settings)
-        self.celery = make_celery(settings)
+        self.celery = make_celery(settings, publisher=True)  # the API only sends
         self.sender = Sender(self.celery, settings)
         self.admission = Admission(self.db, settings.max_pending)
-        self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms)
+        self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms,
+                                     max_held=settings.dispatch_max_held)
         self._currencies: Currencies | None = None
 
     @property
@@ -27,7 +28,7 @@ class Wallet:
         # Seeded by a migration and never changed at run time: loaded once, on first use (not at
         # start-up, so an API process starts even while the database is down).
         if self._currencies is None:
-            with self.db.transaction() as session:
+            with self.db.read() as session:
                 self._currencies = Currencies.load(session)
         return self._currencies
 

@@ -61,7 +61,9 @@ def chart(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"make bench {result['started_at']}  ·  {m['nproc']} CPUs {m['cpu_model']}  ·  "
                  f"api {result['config']['api_procs']} procs, workers {result['config']['workers']}"
-                 f"x{result['config']['worker_concurrency']} {result['config']['worker_pool']}",
+                 f"x{result['config']['worker_concurrency']} {result['config']['worker_pool']}"
+                 + (f"  ·  idle: POST -> terminal p50 {result['idle']['completion_seen_ms']['p50']} ms"
+                    if result.get("idle") else ""),
                  fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +99,12 @@ def table(result: dict) -> str:
     if ref:
         lines.append("pgbench reference: " + ", ".join(
             f"{k} {v['tps']:,.0f} tps" for k, v in ref.items()))
+    if result.get("idle"):
+        i = result["idle"]
+        lines.append(f"idle: {i['payments']} payments one at a time, POST -> a poll that sees it terminal:"
+                     f" p50 {f(i['completion_seen_ms']['p50'], 1)} ms, p90 {f(i['completion_seen_ms']['p90'], 1)}"
+                     f" ms, max {f(i['completion_seen_ms']['max'], 1)} ms (target p50 < 50 ms);"
+                     f" acceptance p50 {f(i['acceptance_latency_ms']['p50'], 1)} ms")
     rec = result["reconcile"]
     lines.append(f"reconcile: {'OK' if rec['ok'] else 'FAILED: ' + '; '.join(rec['problems'][:5])}")
     return "\n".join(lines)

@@ -13,6 +13,8 @@
    at `--clients` concurrent connections sending as fast as they are answered (wrk, else an
    aiohttp client in this process); then 'paced': uniform single payments offered at a fixed
    `--paced-rate` (aiohttp), the latency a client sees when the system is not saturated.
+   'idle' (run first, on the quiet system; bench/idle.py): single payments one at a time, each
+   polled until terminal: the time from POST to the poll that sees it (target: median < 50 ms).
 6. reconcile (common.ledger.reconcile) over the whole database.
 7. bench/results/<UTC timestamp>.json and .png, and a table on stdout.
 
@@ -37,6 +39,7 @@ import psutil
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
+from bench import idle
 from bench import load as loadgen
 from bench import metrics, reference, report, system, wrk
 from bench.seed import seed_accounts
@@ -46,7 +49,8 @@ from scripts import services as svc
 
 ROOT = svc.ROOT
 RESULTS = Path(__file__).with_name("results")
-SCENARIOS = ("uniform", "hot", "batch", "paced")
+SCENARIOS = ("idle", "uniform", "hot", "batch", "paced")
+TARGETS_IDLE_MS = 50  # median POST -> a poll that sees it terminal, on an idle system
 TARGETS = {"single_completed_per_s": 1000, "acceptance_p99_ms": 50, "completion_p99_ms": 1000}
 
 
@@ -62,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paced-rate", type=float, default=600.0,
                    help="the 'paced' scenario: uniform single payments offered at this many per"
                         " second in all (not as fast as answered), for latency below saturation")
+    p.add_argument("--idle-payments", type=int, default=60,
+                   help="the 'idle' scenario: payments sent one at a time (60)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument("--api-procs", type=int, default=2, help="gunicorn worker processes (2)")
@@ -101,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.warmup = 0.5 if args.warmup is None else args.warmup
         args.drain_timeout = min(args.drain_timeout, 60.0)
         args.paced_rate = min(args.paced_rate, 50.0)
+        args.idle_payments = min(args.idle_payments, 5)
     if args.warmup is None:
         args.warmup = max(1.0, 0.15 * args.duration)
     if args.warmup >= args.duration:
@@ -213,6 +220,14 @@ class Bench:
             urls = self._start_system(database_url)
             result["scenarios"] = []
             for name in a.scenarios:
+                if name == "idle":
+                    log(f"scenario 'idle': {a.idle_payments} payments one at a time, each polled until terminal")
+                    result["idle"] = idle.run(urls[0], self.api_key, account_ids, self.rng,
+                                              count=a.idle_payments)
+                    log(f"  POST -> terminal seen: p50 {result['idle']['completion_seen_ms']['p50']} ms,"
+                        f" p90 {result['idle']['completion_seen_ms']['p90']} ms"
+                        f" (accept p50 {result['idle']['acceptance_latency_ms']['p50']} ms)")
+                    continue
                 result["scenarios"].append(self._scenario(name, engine, urls, account_ids, result["reference"]))
 
             with Session(engine) as session:
@@ -230,6 +245,7 @@ class Bench:
         a = self.args
         return {"duration_s": a.duration, "warmup_s": a.warmup, "accounts": a.accounts,
                 "clients": a.clients, "batch_size": a.batch_size, "paced_rate_per_s": a.paced_rate,
+                "idle_payments": a.idle_payments,
                 "scenarios": a.scenarios,
                 "api_procs": a.api_procs, "api_layout": a.api_layout, "gunicorn_args": a.gunicorn_arg,
                 "workers": a.workers, "worker_concurrency": a.worker_concurrency,

@@ -50,7 +50,7 @@ class Admission:
     def _current(self, max_age_s: float) -> int:
         if time.monotonic() - self._read_at >= max_age_s and self._reading.acquire(blocking=False):
             try:  # one thread reads; the others go on with the last value
-                with self._db.transaction() as session:
+                with self._db.read() as session:
                     self._pending = session.execute(text(
                         "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
                 self._read_at = time.monotonic()

@@ -1,11 +1,19 @@
-"""Engine and the one transaction boundary.
+"""Engine and the one write boundary.
 
-`Database.transaction()` is the only place where a unit of work commits: callers put domain
-functions (common.ledger) inside it and never commit themselves.
+`Database.unit_of_work(work)` is the only way a write commits, in the API as in the workers:
+`work(session)` runs in a transaction that commits when it returns, and runs again from scratch
+after a deadlock (40P01) or a serialization failure (40001). Callers pass domain functions
+(common.ledger) and never commit themselves. Its one special case, `unit_of_work(statement,
+params)` with a `Prepared` statement, is a unit of work that is a single statement: run alone
+in autocommit (one round trip, no BEGIN/COMMIT), retried the same way.
+
+`Database.read()` is a plain read transaction (never committed: what it would write is rolled
+back) for reads, which need no retry.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import time
@@ -28,6 +36,9 @@ RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_dete
 # (read_only_sql_transaction). Like a disconnect: drop the connection and find the new primary
 # (the URL's target_session_attrs=read-write is checked only when a connection opens).
 DEMOTED_SQLSTATES = {"25006"}
+RETRY_ATTEMPTS = 5
+
+log = logging.getLogger("wallet.db")
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -109,28 +120,54 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One unit of work: commits on success, rolls back on any exception."""
+    def _transaction(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
             yield session
 
-    def run(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
-        """Run `work` in a transaction, again from scratch after a deadlock or serialization
-        failure (work must therefore have no side effects outside the database)."""
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read transaction. It is rolled back at the end, so nothing written in it persists:
+        writes go through `unit_of_work`."""
+        with self._sessions() as session:
+            session.begin()
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    def unit_of_work(self, work: Callable[[Session], T] | Prepared,
+                     params: Mapping[str, Any] | None = None, *, attempts: int = RETRY_ATTEMPTS) -> T:
+        """Run `work(session)` in one transaction and commit it; run it again from scratch after a
+        deadlock or a serialization failure (so `work` must have no effect outside the database),
+        up to `attempts` times, with a short random backoff. Any other error rolls back and is
+        raised.
+
+        The special case: `work` a `Prepared` statement and `params` its parameters. The unit of
+        work is then that one statement, run in autocommit (PostgreSQL makes it its own
+        transaction, all of it or nothing) as a server-side prepared statement: one round trip
+        instead of three, on the path every single payment takes. It returns the rows as dicts,
+        and is retried like any other unit of work."""
+        if isinstance(work, Prepared):
+            statement = work
+            call = lambda: self._execute_alone(statement, params or {})  # noqa: E731
+        else:
+            def call():
+                with self._transaction() as session:
+                    return work(session)
         for attempt in range(1, attempts + 1):
             try:
-                with self.transaction() as session:
-                    return work(session)
+                return call()
             except DBAPIError as exc:
                 if not is_retryable(exc) or attempt == attempts:
                     raise
+                log.info("unit of work retried after %s (attempt %d of %d)",
+                         exc.orig.pgcode, attempt, attempts)
                 time.sleep(random.uniform(0, 0.01 * 2 ** attempt))
         raise AssertionError("unreachable")
 
-    def execute_alone(self, statement: Prepared, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """A unit of work that is one statement: run in autocommit, so PostgreSQL makes it its own
-        transaction (all of it or nothing) and BEGIN and COMMIT are not two more round trips.
-        Returns the rows. Errors are raised as SQLAlchemy's, like everywhere else."""
+    def _execute_alone(self, statement: Prepared, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One statement in autocommit, prepared once per connection. Errors are raised as
+        SQLAlchemy's, like everywhere else."""
         conn = self.engine.raw_connection()
         dbapi = conn.dbapi_connection
         cursor = None

@@ -11,6 +11,9 @@ class FailureCode(StrEnum):
     INSUFFICIENT_FUNDS = "insufficient_funds"
     ACCOUNT_FROZEN = "account_frozen"
     BATCH_FAILED = "batch_failed"
+    # Applying it raised an error that is not retried (a data bug, a constraint, a trigger), the
+    # same on every attempt: it is failed so that it holds up nothing (SPEC section 12).
+    INTERNAL_ERROR = "internal_error"
 
 
 class WalletError(Exception):

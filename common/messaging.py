@@ -6,14 +6,11 @@ only after the rows they name are committed: PostgreSQL, not Redis, is the recor
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
+import math
 import os
-import socket
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -31,8 +28,6 @@ APPLY_ATOMIC_BATCH = "wallet.apply_atomic_batch"
 SWEEP = "wallet.sweep"
 DEFAULT_QUEUE = "wallet"
 
-# A publish that cannot reach the broker gives up quickly: the payment row is committed and the
-# sweeper will send it, so blocking a request (or the dispatcher) for long buys nothing.
 # Message headers carrying request ids into the worker's log lines. The dispatcher puts payments
 # of many requests into one message, so a message maps each payment id to its request id
 # (REQUEST_IDS, {"<payment id>": "<request id>"}); an atomic batch's message carries the one
@@ -40,20 +35,34 @@ DEFAULT_QUEUE = "wallet"
 REQUEST_IDS = "wallet_request_ids"
 REQUEST_ID = "wallet_request_id"
 
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+# A publish that cannot reach the broker gives up quickly: the payment row is committed and the
+# sweeper will send it, so blocking the dispatcher (or the sweeper) for long buys nothing. Each
+# attempt waits at most Settings.publish_timeout_ms (socket timeouts below); one retry, at once.
+PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0, "interval_max": 0}
+# The consumer's BRPOP waits up to 1 s for a message (kombu's brpop_timeout); a socket timeout on
+# the worker's own connection must stay above it.
+CONSUMER_SOCKET_TIMEOUT_S = 2.0
 
 
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("wallet", broker=settings.broker_url, set_as_current=True)
+def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
+    """The Celery app. `publisher=True`: an app that only sends (the API's, the sweeper's), whose
+    every network wait is bounded by the publish timeout; it is not made the current app."""
+    app = Celery("wallet", broker=settings.broker_url, set_as_current=not publisher)
+    timeout_s = settings.publish_timeout_ms / 1000
     # Each queue is bound with its own routing key (a Queue without one would be bound with the
     # default key, and one publish would reach every queue).
     exchange = Exchange("payments", type="direct")
     payment_queues = [Queue(routing.queue_name(k), exchange, routing_key=routing.queue_name(k))
                       for k in range(settings.queues)]
-    transport_options = {"visibility_timeout": 3600}
+    # Explicit socket timeouts: without them a broker that accepts connections and never answers
+    # holds a publish forever (kombu's and redis-py's defaults wait without limit).
+    socket_timeout = timeout_s if publisher else max(timeout_s, CONSUMER_SOCKET_TIMEOUT_S)
+    transport_options = {"visibility_timeout": 3600, "socket_timeout": socket_timeout,
+                         "socket_connect_timeout": timeout_s}
     if settings.broker_url.startswith("amqp"):
         # Without publisher confirms RabbitMQ drops a publish silently during a resource alarm.
-        transport_options = {"confirm_publish": True}
+        transport_options = {"confirm_publish": True, "read_timeout": socket_timeout,
+                             "write_timeout": socket_timeout}
     app.conf.update(
         task_queues=[Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE, type="direct"),
                            routing_key=DEFAULT_QUEUE), *payment_queues],
@@ -75,7 +84,7 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=120,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
-        broker_connection_timeout=3,
+        broker_connection_timeout=timeout_s if publisher else 3,
         task_publish_retry_policy=PUBLISH_RETRY,
         worker_hijack_root_logger=False,
         beat_schedule={
@@ -89,57 +98,25 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-class RedisPublisher:
-    """Publishes a task message with one LPUSH, written the way Celery (task protocol 2) inside
-    kombu's Redis envelope writes it, so that a plain Celery worker consumes it.
-
-    Why: `send_task` costs ~0.5 ms of CPU per message in Celery and kombu (routing, argsrepr,
-    signals, the producer pool), an LPUSH ~0.1 ms, and the API sends a message every window per
-    queue. tests/common/test_messaging.py checks this format against what `send_task` writes.
-    """
-
-    def __init__(self, broker_url: str):
-        import redis
-        self._redis = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
-        self._origin = f"{os.getpid()}@{socket.gethostname()}"
-        self._reply_to = str(uuid.uuid4())
-
-    def publish(self, queue: str, task: str, args: list, headers: Mapping | None = None) -> None:
-        task_id = str(uuid.uuid4())
-        body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-        message = {
-            "body": base64.b64encode(body.encode()).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
-                "expires": None, "group": None, "group_index": None, "retries": 0,
-                "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-                "argsrepr": f"[{len(args[0])} ids]" if args and isinstance(args[0], list) else repr(args),
-                "kwargsrepr": "{}", "origin": self._origin, "ignore_result": True,
-                "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {}, **(headers or {}),
-            },
-            "properties": {
-                "correlation_id": task_id, "reply_to": self._reply_to, "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-        self._redis.lpush(queue, json.dumps(message))
-
-
 class Sender:
-    """Sends payment ids to their queues, one message per queue touched."""
+    """Sends payment ids to their queues, one message per queue touched, and atomic batches, with
+    Celery's `send_task`. Give it a publisher app (`make_celery(settings, publisher=True)`): every
+    publish is bounded.
+
+    A hand-written LPUSH of Celery's message format (RedisPublisher, ~0.1 ms of CPU against ~0.5
+    ms for send_task) was measured against send_task behind the dispatcher and lost: the
+    dispatcher sends few messages under load, and in both A/B pairs (bench/NOTES.md) the system
+    with it did worse. One format, Celery's own, for every broker."""
 
     def __init__(self, celery: Celery, settings: Settings):
         self._celery = celery
         self._queues = settings.queues
-        self._raw = RedisPublisher(settings.broker_url) if _is_redis(settings.broker_url) else None
 
     def send_payments(self, payments: Iterable[tuple[int, int, int]],
                       request_ids: Mapping[int, str] | None = None) -> int:
         """payments: (id, buyer, seller) already committed; request_ids: payment id -> the id of
-        the request that made it (for the worker's logs). Returns the number of messages."""
+        the request that made it (for the worker's logs). Returns the number of messages. Raises
+        at the first publish that fails (the rest is the sweeper's)."""
         by_queue: dict[int, list[int]] = defaultdict(list)
         for payment_id, buyer, seller in payments:
             by_queue[routing.queue_index(buyer, seller, self._queues)].append(payment_id)
@@ -147,11 +124,8 @@ class Sender:
             headers = None
             if request_ids:
                 headers = {REQUEST_IDS: {str(i): request_ids[i] for i in ids if i in request_ids}}
-            if self._raw is not None:
-                self._raw.publish(routing.queue_name(index), APPLY_PAYMENTS, [sorted(ids)], headers)
-            else:
-                self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)], headers=headers,
-                                       queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
+            self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)], headers=headers,
+                                   queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
         return len(by_queue)
 
     def send_atomic_batch(self, batch_id: int, request_id: str | None = None) -> None:
@@ -162,39 +136,77 @@ class Sender:
                                queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
 
 
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
-
-
 class Dispatcher:
-    """Gathers committed payments of many requests into few messages, from a background thread.
+    """Gathers committed payments of many requests into few messages, from a background thread,
+    but only while there is load (SPEC section 12).
 
-    The first payment after a quiet spell wakes the thread, which lets `window_ms` pass, then
-    takes everything gathered and sends one message per queue touched (split at `max_ids`). Under
-    load one message carries many payments (a Celery message costs about a millisecond of CPU to
-    send and another to consume, more than applying a payment); when idle a payment waits at most
-    the window. Submitting only appends to a list: waking the thread for every payment would hand
-    the GIL back and forth for each request. What is lost here (a crash, a broker outage) is still
-    `pending` in PostgreSQL, and the sweeper sends it again.
+    Idle (no send in the last `window_ms`): the first payment wakes the thread, which sends it at
+    once. Under load (a send less than a window ago, or one in progress): what arrives is gathered
+    until a window has passed since the last send began, then everything gathered goes, one
+    message per queue touched (split at `max_ids`). So a quiet system answers in milliseconds,
+    and a busy one sends at most one message per queue per window, each carrying many payments
+    (a Celery message costs about a millisecond of CPU to send and another to consume, more than
+    applying a payment). Submitting only appends to a list: waking the thread for every payment
+    would hand the GIL back and forth for each request. What is lost here (a crash, a broker
+    outage) is still `pending` in PostgreSQL, and the sweeper sends it again.
     """
 
-    def __init__(self, sender: Sender, window_ms: float, max_ids: int = 500):
+    def __init__(self, sender: Sender, window_ms: float, max_ids: int = 500,
+                 max_held: int = 20_000):
         self._sender = sender
         self._window_s = window_ms / 1000
         self._max_ids = max_ids
+        # What it holds unsent (gathered, or taken by a send in progress) is at most this many
+        # payments and atomic batches; beyond, new ones are left to the sweeper. A broker that
+        # hangs holds each send for its publish timeout, so without a cap the list would be
+        # bounded only by admission control.
+        self._max_held = max_held
         self._lock = threading.Lock()
         self._pending: list[tuple[tuple[int, int, int], str | None]] = []
+        self._batches: list[tuple[int, str | None]] = []
+        self._in_flight = 0
+        self.dropped = 0  # payments and batches left to the sweeper because the cap was reached
+        self._dropped_logged_at = -math.inf
         self._wake = threading.Event()
         self._pid: int | None = None
+
+    def held(self) -> int:
+        return len(self._pending) + len(self._batches) + self._in_flight
 
     def submit(self, payments: Sequence[tuple[int, int, int]]) -> None:
         """payments: (id, buyer, seller), committed."""
         self._ensure_thread()
         request_id = current_request_id()  # the submitting request's, read in its thread
         with self._lock:
-            if not self._pending:
+            if not self._room(len(payments)):
+                return
+            if not self._pending and not self._batches:
                 self._wake.set()
             self._pending.extend((payment, request_id) for payment in payments)
+
+    def submit_atomic_batch(self, batch_id: int) -> None:
+        """An atomic batch, committed: one message, sent by the thread as well (a request thread
+        never waits for the broker)."""
+        self._ensure_thread()
+        request_id = current_request_id()
+        with self._lock:
+            if not self._room(1):
+                return
+            if not self._pending and not self._batches:
+                self._wake.set()
+            self._batches.append((batch_id, request_id))
+
+    def _room(self, count: int) -> bool:
+        """Under the lock: whether `count` more fit; if not, count and (now and then) log them."""
+        if self.held() + count <= self._max_held:
+            return True
+        self.dropped += count
+        now = time.monotonic()
+        if now - self._dropped_logged_at > 10:
+            self._dropped_logged_at = now
+            log.warning("dispatcher full (%d held, %d left to the sweeper so far): is the broker"
+                        " answering?", self.held(), self.dropped)
+        return False
 
     def _ensure_thread(self) -> None:
         # gunicorn may fork after the app was built: each process needs its own thread.
@@ -202,24 +214,52 @@ class Dispatcher:
             return
         with self._lock:
             if self._pid != os.getpid():
-                self._pending, self._wake = [], threading.Event()
+                self._pending, self._batches, self._in_flight = [], [], 0
+                self._wake = threading.Event()
                 threading.Thread(target=self._run, args=(self._wake,), name="wallet-dispatcher",
                                  daemon=True).start()
                 self._pid = os.getpid()
 
     def _run(self, wake: threading.Event) -> None:
+        last_send = -math.inf
         while True:
             wake.wait()
-            time.sleep(self._window_s)  # the window: let the payments of other requests join
+            # Under load, the window: let the payments of other requests join. Idle: none.
+            gather = last_send + self._window_s - time.monotonic()
+            if gather > 0:
+                time.sleep(gather)
+            last_send = time.monotonic()
             with self._lock:
                 items, self._pending = self._pending, []
+                batches, self._batches = self._batches, []
+                self._in_flight = len(items) + len(batches)
                 wake.clear()
-            for start in range(0, len(items), self._max_ids):
-                self._send(items[start:start + self._max_ids])
+            try:
+                self._flush(items, batches)
+            finally:
+                with self._lock:
+                    self._in_flight = 0
 
-    def _send(self, items: list[tuple[tuple[int, int, int], str | None]]) -> None:
+    def _flush(self, items: list[tuple[tuple[int, int, int], str | None]],
+               batches: list[tuple[int, str | None]]) -> None:
+        """Send everything taken; at the first failure, leave the rest to the sweeper (a broker
+        that fails one publish now would most likely cost every other one its timeout too)."""
+        sends = [(self._send_payments, items[start:start + self._max_ids])
+                 for start in range(0, len(items), self._max_ids)]
+        sends += [(self._send_batch, batch) for batch in batches]
+        for n, (send, what) in enumerate(sends):
+            try:
+                send(what)
+            except Exception:  # the sweeper delivers them; a dead thread would deliver nothing
+                rest = sum(len(w) if isinstance(w, list) else 1 for _, w in sends[n:])
+                log.exception("dispatch failed; %d payments or batches left to the sweeper", rest)
+                return
+            with self._lock:
+                self._in_flight -= len(what) if isinstance(what, list) else 1
+
+    def _send_payments(self, items: list[tuple[tuple[int, int, int], str | None]]) -> None:
         request_ids = {payment[0]: rid for payment, rid in items if rid is not None}
-        try:
-            self._sender.send_payments([payment for payment, _ in items], request_ids)
-        except Exception:  # the sweeper delivers them; a dead thread would deliver nothing
-            log.exception("dispatch failed for %d payments; the sweeper will send them", len(items))
+        self._sender.send_payments([payment for payment, _ in items], request_ids)
+
+    def _send_batch(self, batch: tuple[int, str | None]) -> None:
+        self._sender.send_atomic_batch(*batch)

@@ -9,8 +9,10 @@ so processes of several containers can share one volume without colliding. Wipe 
 before the processes start (counters of past runs would otherwise be added in).
 
 Without it each process counts only for itself (tests through Flask's test client, one-process
-tools). Only counters and histograms are kept here: gauges are read at scrape time
-(`api.metrics`), so nothing needs cleaning up when a process exits.
+tools). Only counters and histograms are kept here, and one gauge, the sweeper's last run (a
+timestamp, summed across processes as their maximum, so it survives the process that wrote it);
+the other gauges are read at scrape time (`api.metrics`), so nothing needs cleaning up when a
+process exits.
 
 Updating a metric costs a few microseconds (a dictionary write into an mmap); no network.
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 import os
 import socket
 
-from prometheus_client import Counter, Histogram, values
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, values
 
 from common.settings import Settings
 
@@ -40,6 +44,8 @@ APPLY_LATENCY = Histogram("wallet_apply_duration_seconds",
                           ["task"], buckets=_LATENCY_BUCKETS)
 
 _multiprocess_dir: str | None = None
+_sweeper_last_run: Gauge | None = None
+_sweeper_lock = threading.Lock()
 
 
 def configure(settings: Settings) -> None:
@@ -71,3 +77,16 @@ def record_outcomes(task: str, outcomes) -> None:
             PAYMENTS_FAILED.labels(o.failure_code).inc()
     if completed:
         PAYMENTS_COMPLETED.labels(task).inc(completed)
+
+
+def record_sweep_run(at: float) -> None:
+    """The sweeper finished a run (its claim committed and its sends done) at `at` (Unix time).
+    Made on first use, after `configure`: a gauge without labels has its value at creation."""
+    global _sweeper_last_run
+    if _sweeper_last_run is None:
+        with _sweeper_lock:
+            if _sweeper_last_run is None:
+                _sweeper_last_run = Gauge(
+                    "wallet_sweeper_last_run_timestamp_seconds",
+                    "When the sweeper last finished a run (Unix time)", multiprocess_mode="max")
+    _sweeper_last_run.set(at)

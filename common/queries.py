@@ -86,6 +86,13 @@ def list_payments(session: Session, *, after: int | None, limit: int, account_id
     return _page(list(rows), limit)
 
 
+def batch_payments(session: Session, batch_id: int) -> list[Mapping[str, Any]]:
+    """Every payment of a batch, in id order (the order they were submitted in)."""
+    return list(session.execute(text(
+        f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE batch_id = :id ORDER BY id"
+    ), {"id": batch_id}).mappings())
+
+
 def list_entries(session: Session, account_id: int, *, after: int | None, limit: int) -> Page:
     get_account(session, account_id)
     rows = session.execute(text(

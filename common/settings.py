@@ -43,6 +43,12 @@ class Settings:
     sweep_after_seconds: float = 10.0
     sweep_interval_seconds: float = 2.0
     dispatch_window_ms: float = 150.0
+    # Most payment ids (and atomic batches) the API's dispatcher holds unsent; beyond, new ones are
+    # left to the sweeper (they are committed). Bounds its memory while the broker is away.
+    dispatch_max_held: int = 20_000
+    # Every publish (API, sweeper, task retries) waits at most this for the broker per attempt,
+    # connecting included, and tries twice: a broker that hangs costs a sender about 2 x this.
+    publish_timeout_ms: float = 500.0
     apply_max_payments: int = 500
     max_body_bytes: int = 1024 * 1024
     max_batch_items: int = 1000
@@ -81,6 +87,8 @@ class Settings:
             sweep_after_seconds=num("WALLET_SWEEP_AFTER_SECONDS", d.sweep_after_seconds, float),
             sweep_interval_seconds=num("WALLET_SWEEP_INTERVAL_SECONDS", d.sweep_interval_seconds, float),
             dispatch_window_ms=num("WALLET_DISPATCH_WINDOW_MS", d.dispatch_window_ms, float),
+            dispatch_max_held=num("WALLET_DISPATCH_MAX_HELD", d.dispatch_max_held),
+            publish_timeout_ms=num("WALLET_PUBLISH_TIMEOUT_MS", d.publish_timeout_ms, float),
             apply_max_payments=num("WALLET_APPLY_MAX_PAYMENTS", d.apply_max_payments),
             max_body_bytes=num("WALLET_MAX_BODY_BYTES", d.max_body_bytes),
             max_batch_items=num("WALLET_MAX_BATCH_ITEMS", d.max_batch_items),
@@ -102,6 +110,8 @@ class Settings:
             raise ValueError("WALLET_QUEUES must be between 1 and 1024")
         if not 1 <= self.max_batch_items <= 10_000:
             raise ValueError("WALLET_MAX_BATCH_ITEMS must be between 1 and 10000")
+        if self.publish_timeout_ms <= 0:
+            raise ValueError("WALLET_PUBLISH_TIMEOUT_MS must be positive")
         if self.max_pending < 0:
             raise ValueError("WALLET_MAX_PENDING must be 0 (no bound) or more")
 

@@ -15,8 +15,7 @@ SWEEP_LIMIT = 10_000
 def sweep(db: Database, sender: Sender, older_than_seconds: float) -> int:
     """Claim stale pending payments (skipping those a worker holds right now), mark them swept,
     and send them after the commit. Returns how many were re-enqueued."""
-    with db.transaction() as session:
-        rows = session.execute(text(
+    rows = db.unit_of_work(lambda session: session.execute(text(
             "UPDATE payments p SET swept_at = now()"
             " FROM (SELECT id FROM payments"
             "       WHERE status = 'pending'"
@@ -25,7 +24,7 @@ def sweep(db: Database, sender: Sender, older_than_seconds: float) -> int:
             " WHERE p.id = stale.id"
             " RETURNING p.id, p.buyer_account_id, p.seller_account_id, p.batch_id,"
             "   (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id) AS atomic"
-        ), {"age": older_than_seconds, "limit": SWEEP_LIMIT}).all()
+        ), {"age": older_than_seconds, "limit": SWEEP_LIMIT}).all())
     singles = [(r.id, r.buyer_account_id, r.seller_account_id) for r in rows if not r.atomic]
     sender.send_payments(singles)
     for batch_id in sorted({r.batch_id for r in rows if r.atomic}):
@@ -35,5 +34,4 @@ def sweep(db: Database, sender: Sender, older_than_seconds: float) -> int:
 
 def expire(db: Database) -> int:
     """Cancel (reason `expired`) the authorizations past their expiry; returns how many."""
-    with db.transaction() as session:
-        return len(ledger.expire_authorizations(session))
+    return len(db.unit_of_work(ledger.expire_authorizations))

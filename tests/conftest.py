@@ -18,6 +18,25 @@ from scripts import services as svc
 from tests.support import processes
 
 API_KEY = "test-key-" + uuid.uuid4().hex
+
+# Fixtures that start processes (gunicorn, Celery): a test using one is marked `processes`.
+PROCESS_FIXTURES = frozenset({"worker", "api_url", "http"})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A skipped RabbitMQ test is easy to miss among the `-ra` lines: say it in a banner."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "rabbitmq" in r.nodeid]
+    if skipped:
+        terminalreporter.write_sep("!", "RabbitMQ broker test SKIPPED (amqp:// not tested)", red=True)
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            terminalreporter.write_line(f"{report.nodeid}: {reason}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.processes)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 

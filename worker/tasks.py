@@ -12,10 +12,12 @@ import threading
 import time
 
 from celery import Task, shared_task, signals
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
 
 from common import ledger, metrics, sweeper
 from common.db import Database, is_unavailable
+from common.errors import FailureCode
 from common.logging import configure_logging, get_logger
 from common.messaging import APPLY_ATOMIC_BATCH, APPLY_PAYMENTS, REQUEST_ID, REQUEST_IDS, SWEEP, Sender
 from common.settings import get_settings
@@ -60,10 +62,13 @@ def runtime() -> tuple[Database, Sender]:
     if pid not in _runtime:
         with _runtime_lock:
             if pid not in _runtime:
-                from worker import app
+                from common.messaging import make_celery
                 settings = get_settings()
                 _runtime.clear()
-                _runtime[pid] = (Database(settings, pool_size=2), Sender(app, settings))
+                # The sweeper's publishes go through an app of their own, every wait bounded by
+                # the publish timeout (the worker's app keeps a longer one for its consumer).
+                _runtime[pid] = (Database(settings, pool_size=2),
+                                 Sender(make_celery(settings, publisher=True), settings))
     return _runtime[pid]
 
 
@@ -97,7 +102,16 @@ def apply_payments(self, payment_ids: list[int]) -> None:
     for start in range(0, len(payment_ids), limit):
         chunk = payment_ids[start:start + limit]
         started = time.perf_counter()
-        outcomes = db.run(lambda session: ledger.apply_payments(session, chunk))
+        try:
+            outcomes = db.unit_of_work(lambda session: ledger.apply_payments(session, chunk))
+        except Exception as exc:
+            if _unavailable(exc):
+                raise  # WalletTask retries the message
+            # One of them (or more) cannot be applied: apply them one by one, so that the others
+            # complete, and fail only what fails on its own.
+            log.warning("applying %d payments failed (%s); applying them one by one",
+                        len(chunk), _describe(exc))
+            outcomes = [o for payment_id in chunk for o in _apply_alone(db, payment_id)]
         metrics.APPLY_LATENCY.labels(APPLY_PAYMENTS).observe(time.perf_counter() - started)
         metrics.record_outcomes(APPLY_PAYMENTS, outcomes)
         _log_outcomes(outcomes, lambda payment_id: request_ids.get(str(payment_id)))
@@ -108,16 +122,108 @@ def apply_atomic_batch(self, batch_id: int) -> None:
     db, _ = runtime()
     request_id = getattr(self.request, REQUEST_ID, None)
     started = time.perf_counter()
-    outcomes = db.run(lambda session: ledger.apply_atomic_batch(session, batch_id))
+    error = None
+    for attempt in range(1, APPLY_ATTEMPTS + 1):
+        try:
+            outcomes = db.unit_of_work(lambda session: ledger.apply_atomic_batch(session, batch_id))
+            break
+        except Exception as exc:
+            if _unavailable(exc):
+                raise
+            error = exc
+            _pause(attempt)
+    else:  # all or nothing: the batch fails, its culprits with internal_error
+        outcomes = _fail_atomic_batch(db, batch_id, error)
     metrics.APPLY_LATENCY.labels(APPLY_ATOMIC_BATCH).observe(time.perf_counter() - started)
     metrics.record_outcomes(APPLY_ATOMIC_BATCH, outcomes)
     _log_outcomes(outcomes, lambda _: request_id, batch_id=batch_id)
+
+
+# How often a payment is applied on its own before a non-retried error is taken for a property of
+# the payment (then it is failed with internal_error) rather than of the moment.
+APPLY_ATTEMPTS = 3
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """PostgreSQL unreachable (or no connection free): the task retries later. Anything else that
+    escapes `Database.unit_of_work` (which retries deadlocks and serialization failures itself) is an error
+    that running the same transaction again does not cure."""
+    return isinstance(exc, PoolTimeout) or (isinstance(exc, DBAPIError) and is_unavailable(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    code = getattr(getattr(exc, "orig", None), "pgcode", None)
+    first_line = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]
+    return f"{exc.__class__.__name__}{f' {code}' if code else ''}: {first_line[0] if first_line else ''}"[:300]
+
+
+def _pause(attempt: int) -> None:
+    if attempt < APPLY_ATTEMPTS:
+        time.sleep(0.02 * attempt)  # backoff between attempts, not synchronisation
+
+
+def _apply_alone(db: Database, payment_id: int) -> list[ledger.Outcome]:
+    """One payment in a transaction of its own; after APPLY_ATTEMPTS failures, failed with
+    internal_error (in another transaction, which moves no money)."""
+    error = None
+    for attempt in range(1, APPLY_ATTEMPTS + 1):
+        try:
+            return db.unit_of_work(lambda session: ledger.apply_payments(session, [payment_id]))
+        except Exception as exc:
+            if _unavailable(exc):
+                raise
+            error = exc
+            _pause(attempt)
+    return _fail_internal(db, {payment_id: FailureCode.INTERNAL_ERROR}, error)
+
+
+def _fail_atomic_batch(db: Database, batch_id: int, error: BaseException) -> list[ledger.Outcome]:
+    """Find the culprits (each pending payment of the batch applied on its own, rolled back), fail
+    them with internal_error and the rest with batch_failed; if none fails on its own, it is their
+    combination: all of them internal_error."""
+    with db.read() as session:
+        ids = [row.id for row in session.execute(text(
+            "SELECT id FROM payments WHERE batch_id = :b AND status = 'pending' ORDER BY id"),
+            {"b": batch_id})]
+    culprits = set()
+    for payment_id in ids:
+        try:
+            with db.read() as session:  # never committed
+                ledger.apply_as_one_set(session, [payment_id])
+        except Exception as exc:
+            if _unavailable(exc):
+                raise
+            culprits.add(payment_id)
+    culprits = culprits or set(ids)
+    return _fail_internal(db, {i: FailureCode.INTERNAL_ERROR if i in culprits else FailureCode.BATCH_FAILED
+                               for i in ids}, error, batch_id=batch_id)
+
+
+def _fail_internal(db: Database, codes, error: BaseException, **fields) -> list[ledger.Outcome]:
+    try:
+        outcomes = db.unit_of_work(lambda session: ledger.fail_payments(session, codes))
+    except Exception as exc:
+        if _unavailable(exc):
+            raise
+        # Even failing it raises (a trigger on its row?): it stays pending, the others are done,
+        # and the sweeper brings it back.
+        for payment_id in codes:
+            payment_log.error("payment cannot be applied nor failed; it stays pending", extra={
+                "payment_id": payment_id, "error": _describe(error), "fail_error": _describe(exc), **fields})
+        return []
+    for o in outcomes:
+        if o.failure_code is FailureCode.INTERNAL_ERROR:
+            payment_log.error("payment cannot be applied; failed with internal_error", extra={
+                "payment_id": o.payment_id, "error": _describe(error), "attempts": APPLY_ATTEMPTS,
+                **fields})
+    return outcomes
 
 
 @shared_task(name=SWEEP, base=WalletTask, bind=True)
 def sweep(self) -> None:
     db, sender = runtime()
     swept = sweeper.sweep(db, sender, get_settings().sweep_after_seconds)
+    metrics.record_sweep_run(time.time())
     if swept:
         log.info("re-enqueued %d pending payments", swept)
     expired = sweeper.expire(db)

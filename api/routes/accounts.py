@@ -23,8 +23,8 @@ def create_account():
     key = idempotency_key("account", lambda: {
         "name": body.name, "currency_id": currency.id, "amount": money.format_amount(opening),
         "metadata": body.metadata or {}})
-    with w.db.transaction() as session:
-        row, _ = ledger.open_account(session, currency, body.name, opening, key, body.metadata)
+    row, _ = w.db.unit_of_work(lambda session: ledger.open_account(session, currency, body.name,
+                                                                   opening, key, body.metadata))
     return render.account(row, w.currencies), 201, {"Location": f"/accounts/{row['id']}"}
 
 
@@ -39,7 +39,7 @@ def list_accounts():
         if currency is None:
             raise MalformedRequest(f"unknown currency {code!r}", {"parameter": "currency"})
         currency_id = currency.id
-    with w.db.transaction() as session:
+    with w.db.read() as session:
         page = queries.list_accounts(session, after=after, limit=limit, currency_id=currency_id)
     return {"accounts": [render.account(r, w.currencies) for r in page.rows],
             "next_cursor": encode_cursor(page.next_after)}
@@ -49,7 +49,7 @@ def list_accounts():
 @bp.get("/account/<id:account_id>")
 def get_account(account_id: int):
     w = wallet()
-    with w.db.transaction() as session:
+    with w.db.read() as session:
         row = queries.get_account(session, account_id)
     return render.account(row, w.currencies)
 
@@ -66,15 +66,16 @@ def unfreeze(account_id: int):
 
 def _set_status(account_id: int, status: str):
     w = wallet()
-    with w.db.transaction() as session:
+    def work(session):
         ledger.set_account_status(session, account_id, status)
-        row = queries.get_account(session, account_id)
+        return queries.get_account(session, account_id)
+    row = w.db.unit_of_work(work)
     return render.account(row, w.currencies)
 
 
 @bp.get("/accounts/<id:account_id>/entries")
 def list_entries(account_id: int):
     after, limit = page_args()
-    with wallet().db.transaction() as session:
+    with wallet().db.read() as session:
         page = queries.list_entries(session, account_id, after=after, limit=limit)
     return {"entries": [render.entry(r) for r in page.rows], "next_cursor": encode_cursor(page.next_after)}

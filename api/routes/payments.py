@@ -7,11 +7,12 @@ from flask import Blueprint, request
 
 from api import render
 from api.parsing import encode_cursor, int_arg, page_args, parse_body, parse_optional_body, validate
+from api.routes.backpressure import admit_new_work, batch_replay
 from api.routes.idempotency import idempotency_key
 from api.schemas import MAX_ID, STATUSES, BatchCreate, CancelCreate, CaptureCreate, PaymentCreate, RefundCreate
 from api.wallet import wallet
 from common import ledger, metrics, money, queries
-from common.errors import MalformedRequest, ValidationFailed, WalletError
+from common.errors import MalformedRequest, Overloaded, ValidationFailed, WalletError
 
 bp = Blueprint("payments", __name__)
 log = logging.getLogger("wallet.api")
@@ -28,8 +29,8 @@ def create_payment():
     req = _request(parse_body(PaymentCreate))
     w = wallet()
     key = idempotency_key("payment", lambda: req.canonical(ledger.check_payment(w.currencies, req)))
-    w.admission.admit(1)
-    row, created = ledger.accept_payment(w.db, w.currencies, req, key)
+    replay = admit_new_work([req], key, "payment", queries.get_payment)
+    row, created = (replay, False) if replay else ledger.accept_payment(w.db, w.currencies, req, key)
     if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
         metrics.PAYMENTS_ACCEPTED.labels("single").inc()
         w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])
@@ -39,7 +40,7 @@ def create_payment():
 @bp.get("/payments/<id:payment_id>")
 def get_payment(payment_id: int):
     w = wallet()
-    with w.db.transaction() as session:
+    with w.db.read() as session:
         row = queries.get_payment(session, payment_id)
     return render.payment(row, w.currencies)
 
@@ -56,7 +57,7 @@ def list_payments():
         raise MalformedRequest("reference must be 1 to 128 printable ASCII characters",
                                {"parameter": "reference"})
     w = wallet()
-    with w.db.transaction() as session:
+    with w.db.read() as session:
         page = queries.list_payments(
             session, after=after, limit=limit, status=status,
             account_id=int_arg("account_id", None, 1, MAX_ID),
@@ -77,8 +78,8 @@ def capture_payment(payment_id: int):
     body = parse_optional_body(CaptureCreate)
     w = wallet()
     key = idempotency_key("capture", lambda: {"payment_id": payment_id, "amount": _canonical_amount(body.amount)})
-    with w.db.transaction() as session:
-        row, _ = ledger.capture_payment(session, w.currencies, payment_id, body.amount, key)
+    row, _ = w.db.unit_of_work(
+        lambda session: ledger.capture_payment(session, w.currencies, payment_id, body.amount, key))
     return render.payment(row, w.currencies)
 
 
@@ -87,8 +88,7 @@ def cancel_payment(payment_id: int):
     parse_optional_body(CancelCreate)
     w = wallet()
     key = idempotency_key("cancel", lambda: {"payment_id": payment_id})
-    with w.db.transaction() as session:
-        row, _ = ledger.cancel_payment(session, payment_id, key)
+    row, _ = w.db.unit_of_work(lambda session: ledger.cancel_payment(session, payment_id, key))
     return render.payment(row, w.currencies)
 
 
@@ -99,14 +99,31 @@ def refund_payment(payment_id: int):
     key = idempotency_key("refund", lambda: {
         "payment_id": payment_id, "reference": body.reference, "metadata": body.metadata,
         "amount": _canonical_amount(body.amount)})
-    w.admission.admit(1)
-    with w.db.transaction() as session:
-        row, created = ledger.refund_payment(session, w.currencies, payment_id, body.amount,
-                                             body.reference, body.metadata, key)
+    replay = _refund_replay_when_full(key)
+    if replay is not None:
+        return render.payment(replay, w.currencies), 202, {"Location": f"/payments/{replay['id']}"}
+    row, created = w.db.unit_of_work(lambda session: ledger.refund_payment(
+        session, w.currencies, payment_id, body.amount, body.reference, body.metadata, key))
     if created:
         metrics.PAYMENTS_ACCEPTED.labels("refund").inc()
         w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])
     return render.payment(row, w.currencies), 202, {"Location": f"/payments/{row['id']}"}
+
+
+def _refund_replay_when_full(key: ledger.IdempotencyKey | None):
+    """A refund is new work: refused (429) while the backlog is full, unless its key already made
+    one, which is answered again."""
+    w = wallet()
+    try:
+        w.admission.admit(1)
+        return None
+    except Overloaded:
+        if key is not None:
+            with w.db.read() as session:
+                refund_id = ledger.replayed(session, key, "refund")
+                if refund_id is not None:
+                    return queries.get_payment(session, refund_id)
+        raise
 
 
 @bp.post("/payments/batch")
@@ -119,9 +136,12 @@ def create_batch():
     key = idempotency_key("batch", lambda: {
         "atomic": body.atomic,
         "payments": [r.canonical(ledger.check_payment(w.currencies, r)) for r in reqs]})
-    w.admission.admit(len(reqs))
-    with w.db.transaction() as session:
-        batch_id, rows, created = ledger.submit_batch(session, w.currencies, reqs, body.atomic, key)
+    replay = admit_new_work(reqs, key, "batch", batch_replay)
+    if replay:
+        batch_id, rows, created = replay["id"], replay["payments"], False
+    else:
+        batch_id, rows, created = w.db.unit_of_work(
+            lambda session: ledger.submit_batch(session, w.currencies, reqs, body.atomic, key))
     if created:
         metrics.PAYMENTS_ACCEPTED.labels("atomic_batch" if body.atomic else "batch").inc(len(rows))
         _enqueue_batch(w, batch_id, rows, body.atomic)
@@ -143,7 +163,7 @@ def _batch_requests(items: list[dict]) -> list[ledger.PaymentRequest]:
     if problems or ledger.check_payments(w.currencies, reqs)[1]:
         # The well-formed items are checked against the accounts too, so that the client sees
         # every bad index at once.
-        with w.db.transaction() as session:
+        with w.db.read() as session:
             found = ledger.payment_problems(session, w.currencies, reqs)
         problems = sorted(problems + [(parsed[i][0], exc) for i, exc in found], key=lambda p: p[0])
         raise ledger.batch_refused(problems, len(items))
@@ -154,13 +174,10 @@ def _enqueue_batch(w, batch_id: int, rows, atomic: bool) -> None:
     if not atomic:
         w.dispatcher.submit([(r["id"], r["buyer_account_id"], r["seller_account_id"]) for r in rows])
         return
-    try:
-        w.sender.send_atomic_batch(batch_id)
-    except Exception:  # committed: the sweeper sends it
-        log.exception("enqueue of atomic batch %s failed; the sweeper will send it", batch_id)
+    w.dispatcher.submit_atomic_batch(batch_id)  # committed: if it is lost, the sweeper sends it
 
 
 @bp.get("/batches/<id:batch_id>")
 def get_batch(batch_id: int):
-    with wallet().db.transaction() as session:
+    with wallet().db.read() as session:
         return render.batch(queries.get_batch(session, batch_id))

@@ -12,6 +12,7 @@ nothing else writes balances.
 - holds: capturing, canceling and expiring authorized payments
 - refunds: refunds as payments of their own, never more than was captured
 - entries: the ledger entries every balance change writes
+- isolating: failing what cannot be applied (internal_error), so it holds up nothing
 - reconciling: the invariants over the whole database
 """
 from common.ledger.accepting import (
@@ -19,18 +20,20 @@ from common.ledger.accepting import (
     payment_problems, submit_batch, submit_payment, submit_payments,
 )
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
-from common.ledger.applying import Outcome, apply_atomic_batch, apply_payments
+from common.ledger.applying import Outcome, apply_as_one_set, apply_atomic_batch, apply_payments
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, Currency, parse_amount
 from common.ledger.holds import cancel_payment, capture_payment, expire_authorizations
-from common.ledger.refunds import refund_payment
-from common.ledger.idempotency import IdempotencyKey, idempotent
+from common.ledger.idempotency import IdempotencyKey, idempotent, replayed
+from common.ledger.isolating import fail_payments
 from common.ledger.reconciling import reconcile
+from common.ledger.refunds import refund_payment
 
 __all__ = [
     "PAYMENT_COLUMNS", "WIDEST_CURRENCY", "Currencies", "Currency", "IdempotencyKey", "Outcome",
-    "PaymentRequest", "accept_payment", "apply_atomic_batch", "apply_payments", "batch_refused",
-    "cancel_payment", "capture_payment", "check_payment", "expire_authorizations", "refund_payment",
-    "check_payments", "create_account", "idempotent", "issuance_account_id", "open_account",
-    "parse_amount", "payment_problems", "reconcile", "set_account_status", "submit_batch",
+    "PaymentRequest", "accept_payment", "apply_as_one_set", "apply_atomic_batch", "apply_payments",
+    "batch_refused", "cancel_payment", "capture_payment", "check_payment", "expire_authorizations",
+    "check_payments", "create_account", "fail_payments", "idempotent", "issuance_account_id",
+    "open_account", "parse_amount", "payment_problems", "reconcile", "refund_payment", "replayed",
+    "set_account_status", "submit_batch",
     "submit_payment", "submit_payments",
 ]

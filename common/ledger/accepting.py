@@ -90,15 +90,15 @@ def accept_payment(db: Database, currencies: Currencies, req: PaymentRequest,
     path every single payment takes. Same statement, same checks, same outcome.
     """
     if key is not None:
-        with db.transaction() as session:
-            return submit_payment(session, currencies, req, key)
+        return db.unit_of_work(lambda session: submit_payment(session, currencies, req, key))
     amounts, problems = check_payments(currencies, [req])
     if problems:
         raise problems[0][1]
-    rows = db.execute_alone(_INSERT_PAYMENTS_ALONE, _insert_params([req], amounts, None))
+    # The special case of the unit of work: one statement, alone (common.db).
+    rows = db.unit_of_work(_INSERT_PAYMENTS_ALONE, _insert_params([req], amounts, None))
     if rows:
         return rows[0], True
-    with db.transaction() as session:  # refused: read the accounts to say why
+    with db.read() as session:  # refused: read the accounts to say why
         raise _refused(session, currencies, [req])
 
 

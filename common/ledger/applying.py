@@ -177,3 +177,14 @@ def _refusal(p: Any, accounts: _Accounts) -> FailureCode | None:
     if accounts.available(p.buyer) < p.amount:
         return FailureCode.INSUFFICIENT_FUNDS
     return None
+
+
+_LOCK_ANY = text(_LOCK_PENDING.format(skip="", where="p.id = ANY(:ids)"))
+
+
+def apply_as_one_set(session: Session, payment_ids: Sequence[int]) -> list[Outcome]:
+    """Apply the still-pending payments among `payment_ids` as one all-or-nothing set, payments of
+    atomic batches included. For diagnosis only (which payment of a transaction that keeps
+    failing raises?): the caller rolls the transaction back."""
+    payments = session.execute(_LOCK_ANY, {"ids": list(payment_ids)}).all()
+    return _apply(session, payments, atomic=True)

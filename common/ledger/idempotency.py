@@ -54,3 +54,18 @@ def idempotent(session: Session, key: IdempotencyKey | None, resource_type: str,
         "UPDATE idempotency_keys SET resource_id = :id WHERE scope = :scope AND key = :key"
     ), {**params, "id": resource["id"]})
     return resource, True
+
+
+def replayed(session: Session, key: IdempotencyKey, resource_type: str) -> int | None:
+    """The id of the resource this key already made, or None if the key is new (a read: nothing
+    is written). Raises IdempotencyConflict if the key was used with another request."""
+    row = session.execute(text(
+        "SELECT request_hash, resource_type, resource_id FROM idempotency_keys"
+        " WHERE scope = :scope AND key = :key"
+    ), {"scope": key.scope, "key": key.key}).first()
+    if row is None or row.resource_id is None:
+        return None
+    if row.request_hash != key.request_hash or row.resource_type != resource_type:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different request",
+                                  {"idempotency_key": key.key})
+    return row.resource_id

@@ -11,7 +11,7 @@ def row_counts(db) -> dict[str, int]:
     """Rows only the API writes. Ledger entries are counted as opening entries (payment_id NULL,
     written only by POST /accounts) plus entries of payments newer than the snapshot: a worker may
     legitimately still be applying payments made by earlier tests."""
-    with db.transaction() as s:
+    with db.read() as s:
         counts = {t: s.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in COUNTED}
         counts["max_payment_id"] = s.execute(text("SELECT coalesce(max(id), 0) FROM payments")).scalar_one()
         counts["opening_entries"] = s.execute(text(
@@ -20,7 +20,7 @@ def row_counts(db) -> dict[str, int]:
 
 
 def new_payment_entries(db, after_payment_id: int) -> int:
-    with db.transaction() as s:
+    with db.read() as s:
         return s.execute(text("SELECT count(*) FROM ledger_entries WHERE payment_id > :p"),
                          {"p": after_payment_id}).scalar_one()
 

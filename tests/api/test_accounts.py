@@ -47,7 +47,7 @@ def test_opening_number_is_exact(client, db):
     assert response.status_code == 201
     account = response.get_json()
     assert account["balance"] == "500.1"
-    with db.transaction() as s:
+    with db.read() as s:
         assert str(s.execute(text("SELECT balance FROM accounts WHERE id = :id"),
                              {"id": account["id"]}).scalar_one().normalize()) == "500.1"
 
@@ -93,7 +93,7 @@ def _all_accounts(client, query: str) -> list[dict]:
 def test_list_pagination_every_row_once(client, db):
     for i in range(7):
         open_account(client, name=f"page-{i}")
-    with db.transaction() as s:
+    with db.read() as s:
         expected = list(s.execute(text("SELECT id FROM accounts WHERE kind = 'customer' ORDER BY id")).scalars())
     first = client.get("/accounts?limit=3").get_json()
     assert len(first["accounts"]) == 3 and first["next_cursor"] is not None
@@ -106,7 +106,7 @@ def test_list_pagination_every_row_once(client, db):
 def test_list_default_and_max_limit(client, db):
     for i in range(3):
         open_account(client, name=f"lim-{i}")
-    with db.transaction() as s:
+    with db.read() as s:
         total = s.execute(text("SELECT count(*) FROM accounts WHERE kind = 'customer'")).scalar_one()
     default = client.get("/accounts").get_json()
     assert len(default["accounts"]) == min(50, total)
@@ -116,7 +116,7 @@ def test_list_default_and_max_limit(client, db):
 
 
 def test_last_page_cursor_is_null(client, db):
-    with db.transaction() as s:
+    with db.read() as s:
         total = s.execute(text("SELECT count(*) FROM accounts WHERE kind = 'customer'")).scalar_one()
     assert client.get(f"/accounts?limit={total}").get_json()["next_cursor"] is None
     if total > 1:
@@ -130,7 +130,7 @@ def test_filter_by_currency(client, db):
     ids = [a["id"] for a in rows]
     assert eur <= set(ids) and usd not in ids
     assert {a["currency"] for a in rows} == {"EUR"}
-    with db.transaction() as s:
+    with db.read() as s:
         expected = list(s.execute(text(
             "SELECT id FROM accounts WHERE kind = 'customer' AND currency_id = 2 ORDER BY id")).scalars())
     assert ids == expected

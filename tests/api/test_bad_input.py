@@ -18,6 +18,7 @@ from common import ledger
 from tests.api.conftest import assert_error
 from tests.conftest import AUTH
 from tests.support.processes import wait_until
+from tests.support.db import committing
 
 MAX_ID = 2**63 - 1
 
@@ -60,7 +61,7 @@ def apply_now(client, db, pid: int) -> dict:
     """Apply a pending payment as a worker does; a worker of the session that holds it right now
     makes this skip it, so poll until it is applied either way. Returns it."""
     def applied_once():
-        with db.transaction() as s:
+        with committing(db) as s:
             ledger.apply_payments(s, [pid])
         got = client.get(f"/payments/{pid}", headers=AUTH).get_json()
         return got if got["status"] != "pending" else None
@@ -92,7 +93,7 @@ def lifecycle_unchanged(db, ids):
     """Asserts, after the test, that the lifecycle payments and their accounts did not change
     (a refused capture, cancel or refund moves nothing, releases nothing)."""
     def snapshot():
-        with db.transaction() as s:
+        with committing(db) as s:
             payments = s.execute(sql(
                 "SELECT id, status, amount_captured, amount_refunded, cancellation_reason, completed_at"
                 " FROM payments WHERE id = ANY(:ids) ORDER BY id"),
@@ -626,6 +627,19 @@ for method, path, body in (("POST", "/accounts", acct('"1"')), ("POST", "/paymen
                           {"Authorization": value}))
 
 
+# --- a key given twice: the body reads two ways (first or last value wins), so it is refused -------
+for name, path, body in [
+    ("payment-amount-twice", "/payments", pay('"1"', extra=', "amount": "100"')),
+    ("payment-buyer-twice", "/payments", pay('"1"', extra=', "buyer_account_id": $usd2')),
+    ("payment-same-value-twice", "/payments", pay('"1"', extra=', "amount": "1"')),
+    ("account-amount-twice", "/accounts", acct('"1"', extra=', "amount": "1000"')),
+    ("batch-atomic-twice", "/payments/batch", '{"atomic": true, "payments": [' + pay('"1"') + '], "atomic": false}'),
+    ("batch-item-amount-twice", "/payments/batch", '{"payments": [' + pay('"1"', extra=', "amount": "9"') + "]}"),
+    ("nested-object-key-twice", "/payments", pay('"1"', extra=', "x": {"a": 1, "a": 2}')),
+]:
+    CASES.append(case(f"POST {path} duplicate-key {name}", "POST", path, body, 400, "malformed_request"))
+
+
 @pytest.mark.parametrize("method,path,body,status,code,headers", CASES)
 def test_bad_input(app, client, ids, nothing_written, lifecycle_unchanged, method, path, body, status, code,
                    headers):
@@ -900,7 +914,7 @@ def test_fuzz_lifecycle_never_5xx(app, db, ids, action):
     # The books of these two accounts and these payments (the session's database holds other
     # tests' rows too, so only their lines of the reconciliation are looked at).
     ours = [f"account {buyer['id']}:", f"account {seller['id']}:", *(f"payment {p}:" for p in made)]
-    with db.transaction() as s:
+    with committing(db) as s:
         assert [p for p in ledger.reconcile(s) if p.startswith(tuple(ours))] == []
         total = s.execute(sql("SELECT sum(balance) FROM accounts WHERE id = ANY(:ids)"),
                           {"ids": [buyer["id"], seller["id"]]}).scalar_one()

@@ -26,7 +26,7 @@ def wait_finished(client, batch_id: int, timeout_s: float = 30) -> dict:
 
 
 def entries_of(db, *accounts) -> int:
-    with db.transaction() as s:
+    with db.read() as s:
         return s.execute(text("SELECT count(*) FROM ledger_entries WHERE account_id = ANY(:ids)"),
                          {"ids": [a["id"] for a in accounts]}).scalar_one()
 
@@ -46,7 +46,7 @@ def test_batch_202_returns_every_payment(client, db):
                                    (a["id"], c["id"], "2.5", "pending", body["batch_id"]),
                                    (a["id"], b["id"], "3", "pending", body["batch_id"])]
     assert [p["id"] for p in payments] == sorted(p["id"] for p in payments)
-    with db.transaction() as s:
+    with db.read() as s:
         stored = s.execute(text("SELECT count(*) FROM payments WHERE batch_id = :b"),
                            {"b": body["batch_id"]}).scalar_one()
     assert stored == 3

@@ -13,10 +13,13 @@ from scripts.services import ROOT
 from tests.api.conftest import assert_error
 from tests.conftest import AUTH, make_env, make_settings
 from tests.support.api import open_account, pay
-from tests.support.processes import BIN, wait_until
+from tests.support.processes import BIN, check_allowed, wait_until
+
+pytestmark = pytest.mark.processes  # runs the flask CLI as a subprocess
 
 
 def flask(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    check_allowed("the flask CLI")
     return subprocess.run([str(BIN / "flask"), "--app", "api", "wallet", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
@@ -37,9 +40,10 @@ def own(fresh_database_url, broker_url):
 def apply_all(db) -> None:
     """Apply the pending payments in-process (the worker fixture serves the shared database only)."""
     from common import ledger
-    with db.transaction() as s:
+    def apply(s):
         ids = list(s.execute(text("SELECT id FROM payments WHERE status = 'pending' ORDER BY id")).scalars())
         ledger.apply_payments(s, ids)
+    db.unit_of_work(apply)
 
 
 def test_reconcile_clean_database(own):
@@ -63,8 +67,9 @@ def test_reconcile_reports_corruption(own):
     pay(client, a["id"], b["id"], "30")
     apply_all(db)
     assert flask(env, "reconcile").returncode == 0
-    with db.transaction() as s:
+    def corrupt(s):
         s.execute(text("UPDATE accounts SET balance = balance + 1 WHERE id = :id"), {"id": a["id"]})
+    db.unit_of_work(corrupt)
     result = flask(env, "reconcile")
     assert result.returncode != 0
     report = result.stderr
@@ -72,7 +77,7 @@ def test_reconcile_reports_corruption(own):
     assert "USD: balances sum to 1" in report  # money created
     assert f"account {a['id']}: balance 71" in report and "entries sum to 70" in report
 
-    with db.transaction() as s:  # a negative balance, with the totals and entries made to agree
+    def corrupt_more(s):  # a negative balance, with the totals and entries made to agree
         # the schema refuses negative balances itself: drop that guard in this throw-away database
         s.execute(text("ALTER TABLE accounts DROP CONSTRAINT accounts_customer_balance_nonnegative,"
                        " DROP CONSTRAINT accounts_customer_available_nonnegative"))
@@ -83,6 +88,7 @@ def test_reconcile_reports_corruption(own):
         s.execute(text("UPDATE accounts SET balance = balance + 85 WHERE id = -1"))
         s.execute(text("UPDATE ledger_entries SET amount = amount + 85 WHERE account_id = -1"
                        " AND id = (SELECT min(id) FROM ledger_entries WHERE account_id = -1)"))
+    db.unit_of_work(corrupt_more)
     result = flask(env, "reconcile")
     assert result.returncode != 0
     assert "RECONCILE FAILED: 2 violation(s)" in result.stderr, result.stderr
@@ -94,8 +100,9 @@ def test_reconcile_reports_payment_without_entries(own):
     _, env, db, client = own
     a, b = open_account(client, "10", name="p1"), open_account(client, name="p2")
     payment = pay(client, a["id"], b["id"], "1")
-    with db.transaction() as s:
+    def complete_without_entries(s):
         s.execute(text("UPDATE payments SET status = 'completed', amount_captured = amount, completed_at = now() WHERE id = :id"), {"id": payment["id"]})
+    db.unit_of_work(complete_without_entries)
     result = flask(env, "reconcile")
     assert result.returncode != 0
     assert f"payment {payment['id']}: completed, captured 1, with 0 ledger entries" in result.stderr
@@ -120,7 +127,7 @@ def test_api_key_create_authenticates(fresh_database_url, broker_url):
         assert created.status_code == 201
         assert_error(anonymous.get("/accounts", headers={"Authorization": f"Bearer {key}x"}), 401, "unauthorized")
         assert_error(anonymous.get("/accounts"), 401, "unauthorized")
-        with app.extensions["wallet"].db.transaction() as s:
+        with app.extensions["wallet"].db.read() as s:
             stored = s.execute(text("SELECT name, key_hash FROM api_keys")).all()
         assert [(n, len(h)) for n, h in stored] == [("ci", 64)]
         assert key not in str(stored)  # only the hash is kept

@@ -10,12 +10,13 @@ from sqlalchemy import text
 from common import ledger
 from tests.api.conftest import assert_error
 from tests.support.api import open_account, pay
+from tests.support.db import committing
 
 
 @pytest.fixture
 def apply(db):
     def run(*payment_ids: int) -> None:
-        with db.transaction() as s:
+        with committing(db) as s:
             ledger.apply_payments(s, list(payment_ids))
     return run
 
@@ -88,7 +89,7 @@ def test_capture_above_the_authorized_amount_is_422(client, apply):
 
 def test_expired_authorization_refuses_capture_before_the_sweeper(client, apply, db):
     payment, _, _ = authorized(client, apply)
-    with db.transaction() as s:
+    with committing(db) as s:
         s.execute(text("UPDATE payments SET authorization_expires_at = now() WHERE id = :id"),
                   {"id": payment["id"]})
     error = assert_error(client.post(f"/payments/{payment['id']}/capture"), 409, "invalid_state")
@@ -164,7 +165,7 @@ def test_batch_items_take_the_lifecycle_fields(client, db):
     ]})
     assert response.status_code == 202, response.get_data(as_text=True)
     batch = response.get_json()
-    with db.transaction() as s:
+    with committing(db) as s:
         ledger.apply_atomic_batch(s, batch["batch_id"])
     counts = get(client, f"/batches/{batch['batch_id']}")
     assert counts["counts"]["authorized"] == 2 and counts["finished"] is True

@@ -67,3 +67,67 @@ def test_unmatched_paths_share_one_label(http):
 def test_metrics_need_the_api_key(api_url):
     assert httpx.get(f"{api_url}/metrics").status_code == 401
     assert httpx.get(f"{api_url}/metrics", headers=AUTH).status_code == 200
+
+
+def test_backlog_gauges_read_at_scrape_time(fresh_database_url, broker_url):
+    """wallet_payments_pending and wallet_oldest_pending_age_seconds come from PostgreSQL when
+    scraped (no worker runs on this database: what is accepted stays pending)."""
+    from sqlalchemy import text as sql
+
+    from api import create_app
+    from tests.conftest import make_settings
+
+    app = create_app(make_settings(fresh_database_url, broker_url))
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+    db = app.extensions["wallet"].db
+    try:
+        text = client.get("/metrics").get_data(as_text=True)
+        assert sample(text, "wallet_payments_pending") == 0
+        assert sample(text, "wallet_oldest_pending_age_seconds") == 0
+        assert sample(text, "wallet_database_up") == 1
+        buyer, seller = open_account(client, "10"), open_account(client)
+        ids = [pay(client, buyer["id"], seller["id"], "1")["id"] for _ in range(3)]
+        def age(s):
+            s.execute(sql("UPDATE payments SET created_at = now() - interval '120 seconds' WHERE id = :id"),
+                      {"id": ids[0]})
+        db.unit_of_work(age)
+        text = client.get("/metrics").get_data(as_text=True)
+        assert sample(text, "wallet_payments_pending") == 3
+        assert 120 <= sample(text, "wallet_oldest_pending_age_seconds") < 180
+        def fail_oldest(s):
+            s.execute(sql("UPDATE payments SET status = 'failed', failure_code = 'insufficient_funds',"
+                          " completed_at = now() WHERE id = :id"), {"id": ids[0]})
+        db.unit_of_work(fail_oldest)
+        text = client.get("/metrics").get_data(as_text=True)
+        assert sample(text, "wallet_payments_pending") == 2
+        assert sample(text, "wallet_oldest_pending_age_seconds") < 60
+        # Cheap however many payments are done: the scrape reads the partial index of pending ones.
+        from api.metrics import BacklogCollector
+        def done_ones(s):
+            s.execute(sql(
+                "INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount,"
+                " status, completed_at, amount_captured) SELECT :b, :s, 1, 1, 'completed', now(), 1"
+                " FROM generate_series(1, 20000)"), {"b": buyer["id"], "s": seller["id"]})
+            s.execute(sql("ANALYZE payments"))
+        db.unit_of_work(done_ones)
+        with db.read() as s:
+            plan = "\n".join(s.execute(sql("EXPLAIN " + BacklogCollector.SQL.text)).scalars())
+        assert "payments_pending_idx" in plan and "Seq Scan" not in plan, plan
+    finally:
+        db.dispose()
+
+
+def test_sweeper_last_run_reaches_metrics(http, settings):
+    """The worker's sweep records when it ran; the API's /metrics shows it (multiprocess mode)."""
+    import time
+
+    from common.messaging import DEFAULT_QUEUE, SWEEP, make_celery
+
+    started = time.time()
+    make_celery(settings).send_task(SWEEP, queue=DEFAULT_QUEUE)
+
+    def swept():
+        value = sample(http.get("/metrics").text, "wallet_sweeper_last_run_timestamp_seconds")
+        return value if value is not None and value >= started else None
+    assert wait_until(swept, 20, "the sweeper's last run in /metrics") <= time.time()

@@ -47,7 +47,7 @@ def test_amount_forms_are_exact(client, db):
         assert response.status_code == 202, (raw, response.get_json())
         payment = response.get_json()
         assert payment["amount"] == shown, raw
-        with db.transaction() as s:
+        with db.read() as s:
             stored = s.execute(text("SELECT amount FROM payments WHERE id = :id"), {"id": payment["id"]}).scalar_one()
         assert format(stored.normalize(), "f") == shown
 
@@ -118,7 +118,7 @@ def test_list_unfiltered_every_row_once(client, db):
     a, b = open_account(client, "100", name="ua"), open_account(client, name="ub")
     for _ in range(5):
         pay(client, a["id"], b["id"], "1")
-    with db.transaction() as s:
+    with db.read() as s:
         expected = list(s.execute(text("SELECT id FROM payments ORDER BY id DESC")).scalars())
     assert _ids(_pages(client, "", 37)) == expected
     default = client.get("/payments").get_json()
@@ -129,7 +129,7 @@ def test_pagination_while_inserting(app, client, db):
     a, b = open_account(client, "1000000", name="ins-a"), open_account(client, name="ins-b")
     for _ in range(40):
         pay(client, a["id"], b["id"], "1")
-    with db.transaction() as s:
+    with db.read() as s:
         existing_all = set(s.execute(text("SELECT id FROM payments")).scalars())
         existing_a = set(s.execute(text("SELECT id FROM payments WHERE buyer_account_id = :a"),
                                    {"a": a["id"]}).scalars())
@@ -232,7 +232,7 @@ def test_concurrent_first_requests_with_one_key(api_url, db):
     assert len(results) == threads_n
     assert {status for status, _ in results} == {202}, results
     assert len({pid for _, pid in results}) == 1, results
-    with db.transaction() as s:
+    with db.read() as s:
         assert s.execute(text("SELECT count(*) FROM payments WHERE buyer_account_id = :a"),
                          {"a": a["id"]}).scalar_one() == 1
 
@@ -252,6 +252,57 @@ def test_backlog_full_answers_429_and_records_nothing(fresh_database_url, broker
         error = assert_error(response, 429, "backlog_full")
         assert error["details"] == {"pending": 1, "max_pending": 1}
         assert response.headers["Retry-After"] == "1"
-    with wallet.db.transaction() as s:
+    with wallet.db.read() as s:
         assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 1
+    wallet.db.dispose()
+
+
+def test_backlog_full_still_answers_replays_and_bad_requests(fresh_database_url, broker_url):
+    """Admission control refuses new work only: a retry of an accepted payment or batch (same
+    Idempotency-Key and body) gets its original answer, a key reused with another body its 409,
+    and an invalid request its 422, even while new payments answer 429."""
+    app = create_app(make_settings(fresh_database_url, broker_url, max_pending=1))
+    client = app.test_client()
+    a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
+    b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()
+    one = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
+    wallet = app.extensions["wallet"]
+    wallet.admission._refresh_s = 0
+    # No worker on this database: what is accepted stays pending. The batch fits (empty backlog).
+    batch = client.post("/payments/batch", json={"payments": [one, one]},
+                        headers={**AUTH, "Idempotency-Key": "batch-1"})
+    assert batch.status_code == 202
+    first = client.post("/payments", json=one, headers={**AUTH, "Idempotency-Key": "pay-1"})
+    assert first.status_code == 429  # the backlog is full now
+    # ...so this one is accepted only with the bound lifted, then the bound is back.
+    wallet.admission.max_pending = 0
+    first = client.post("/payments", json=one, headers={**AUTH, "Idempotency-Key": "pay-1"})
+    assert first.status_code == 202
+    wallet.admission.max_pending = 1
+
+    replay = client.post("/payments", json=one, headers={**AUTH, "Idempotency-Key": "pay-1"})
+    assert replay.status_code == 202, replay.get_json()
+    assert replay.get_json() == first.get_json()
+    assert replay.headers["Location"] == first.headers["Location"]
+    replay = client.post("/payments/batch", json={"payments": [one, one]},
+                         headers={**AUTH, "Idempotency-Key": "batch-1"})
+    assert replay.status_code == 202, replay.get_json()
+    assert replay.get_json() == batch.get_json()
+
+    other = {**one, "amount": "2"}
+    assert_error(client.post("/payments", json=other, headers={**AUTH, "Idempotency-Key": "pay-1"}),
+                 409, "idempotency_conflict")
+    assert_error(client.post("/payments", json=other, headers={**AUTH, "Idempotency-Key": "pay-2"}),
+                 429, "backlog_full")
+    assert_error(client.post("/payments", json=other, headers=AUTH), 429, "backlog_full")
+    unknown = {**one, "seller_account_id": 987654321}
+    assert_error(client.post("/payments", json=unknown, headers=AUTH), 422, "unknown_account")
+    assert_error(client.post("/payments", json=unknown, headers={**AUTH, "Idempotency-Key": "pay-3"}),
+                 422, "unknown_account")
+    error = assert_error(client.post("/payments/batch", json={"payments": [one, unknown]}, headers=AUTH),
+                         422, "validation_error")
+    assert [d["index"] for d in error["details"]] == [1]
+    with wallet.db.read() as s:
+        assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 3
+        assert s.execute(text("SELECT count(*) FROM idempotency_keys")).scalar_one() == 2
     wallet.db.dispose()

@@ -21,12 +21,13 @@ def own_db(fresh_database_url, broker_url):
 
 
 def make_pending(db: Database, count: int) -> None:
-    with db.transaction() as s:
+    def setup(s):
         currencies = ledger.Currencies.load(s)
         usd = currencies.by_id[1]
         a = ledger.create_account(s, usd, "a", Decimal("100"))
         b = ledger.create_account(s, usd, "b", Decimal("0"))
         ledger.submit_payments(s, currencies, [ledger.PaymentRequest(a, b, "1")] * count)
+    db.unit_of_work(setup)
 
 
 def test_no_bound_admits_anything(own_db):
@@ -60,6 +61,8 @@ def test_rereads_before_refusing(own_db):
     make_pending(own_db, 3)
     admission = Admission(own_db, max_pending=4, refresh_s=3600, recheck_s=0)
     admission.admit(1)  # reads 3: 4 by its own count, which admitting one more would exceed
-    with own_db.transaction() as s:  # the backlog drains
-        s.execute(text("UPDATE payments SET status = 'completed', amount_captured = amount, completed_at = now()"))
+    def drain(s):  # the backlog drains
+        s.execute(text("UPDATE payments SET status = 'completed', amount_captured = amount,"
+                       " completed_at = now()"))
+    own_db.unit_of_work(drain)
     admission.admit(1)  # about to refuse on its stale count, it reads again: 0 pending

@@ -23,52 +23,104 @@ def test_prepared_refuses_an_untyped_parameter():
         Prepared("wallet_test_bad", "SELECT :a + 1")
 
 
-def test_execute_alone_returns_rows_and_keeps_nulls_typed(db):
-    rows = db.execute_alone(ECHO, {"a": 41, "b": [None, "y"]})
+def test_unit_of_work_alone_returns_rows_and_keeps_nulls_typed(db):
+    rows = db.unit_of_work(ECHO, {"a": 41, "b": [None, "y"]})
     assert rows == [{"n": 42, "b": [None, "y"], "again": 41, "pid": rows[0]["pid"]}]
 
 
-def test_execute_alone_commits_by_itself_and_leaves_the_pool_transactional(db):
+def test_unit_of_work_alone_commits_by_itself_and_leaves_the_pool_transactional(db):
     insert = Prepared("wallet_test_insert",
                       "INSERT INTO batches (atomic, total) VALUES (false, CAST(:total AS integer))"
                       " RETURNING id")
-    batch_id = db.execute_alone(insert, {"total": 7})[0]["id"]
-    with db.transaction() as s:  # another connection sees it: it was committed
+    batch_id = db.unit_of_work(insert, {"total": 7})[0]["id"]
+    with db.read() as s:  # another connection sees it: it was committed
         assert s.execute(text("SELECT total FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one() == 7
     # Every pooled connection is back in transactional mode: a rolled-back transaction writes nothing.
     with pytest.raises(RuntimeError):
-        with db.transaction() as s:
+        def delete(s):
             s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch_id})
             raise RuntimeError("roll back")
-    with db.transaction() as s:
+        db.unit_of_work(delete)
+    with db.read() as s:
         assert s.execute(text("SELECT count(*) FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one() == 1
-        s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch_id})
+    db.unit_of_work(lambda s: s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch_id}))
 
 
 def test_a_refused_statement_raises_sqlalchemy_error_and_writes_nothing(db):
     bad = Prepared("wallet_test_negative",
                    "INSERT INTO batches (atomic, total) VALUES (false, CAST(:total AS integer))")
-    with db.transaction() as s:
+    with db.read() as s:
         before = s.execute(text("SELECT count(*) FROM batches")).scalar_one()
     with pytest.raises(DBAPIError) as caught:
-        db.execute_alone(bad, {"total": None})  # NOT NULL
+        db.unit_of_work(bad, {"total": None})  # NOT NULL
     assert not is_unavailable(caught.value)
-    with db.transaction() as s:
+    with db.read() as s:
         assert s.execute(text("SELECT count(*) FROM batches")).scalar_one() == before
-    assert db.execute_alone(ECHO, {"a": 1, "b": []})[0]["n"] == 2  # the connection still works
+    assert db.unit_of_work(ECHO, {"a": 1, "b": []})[0]["n"] == 2  # the connection still works
 
 
 def test_a_killed_connection_is_unavailable_once_then_reprepared(db, settings):
     from common.db import Database
     own = Database(settings, pool_size=1)  # one connection, so the next call must reconnect
     try:
-        pid = own.execute_alone(ECHO, {"a": 1, "b": []})[0]["pid"]
-        with db.transaction() as s:
+        pid = own.unit_of_work(ECHO, {"a": 1, "b": []})[0]["pid"]
+        with db.read() as s:
             s.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         with pytest.raises(DBAPIError) as caught:
-            own.execute_alone(ECHO, {"a": 1, "b": []})
+            own.unit_of_work(ECHO, {"a": 1, "b": []})
         assert is_unavailable(caught.value)
-        row = own.execute_alone(ECHO, {"a": 2, "b": []})[0]  # a new connection, prepared again
+        row = own.unit_of_work(ECHO, {"a": 2, "b": []})[0]  # a new connection, prepared again
         assert row["n"] == 3 and row["pid"] != pid
     finally:
         own.dispose()
+
+
+def test_unit_of_work_retries_a_real_deadlock(db):
+    """Two real transactions lock two rows in opposite orders: PostgreSQL aborts one with
+    deadlock_detected (40P01), and the unit of work runs that one again; both commit."""
+    import threading
+
+    ids = [db.unit_of_work(Prepared("wallet_test_batch_row",
+                                    "INSERT INTO batches (atomic, total) VALUES (false, CAST(:t AS integer))"
+                                    " RETURNING id"), {"t": 0})[0]["id"] for _ in range(2)]
+    both_hold_one = threading.Barrier(2, timeout=10)
+    attempts = {0: 0, 1: 0}
+    results, errors = {}, []
+
+    def work(n: int, s):
+        attempts[n] += 1
+        first, second = (ids[0], ids[1]) if n == 0 else (ids[1], ids[0])
+        s.execute(text("UPDATE batches SET total = total + 1 WHERE id = :id"), {"id": first})
+        if attempts[n] == 1:
+            both_hold_one.wait()  # each holds its first row: the second UPDATEs close the cycle
+        s.execute(text("UPDATE batches SET total = total + 1 WHERE id = :id"), {"id": second})
+        return n
+
+    def run(n: int):
+        try:
+            results[n] = db.unit_of_work(lambda s: work(n, s))
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert results == {0: 0, 1: 1}
+    assert sorted(attempts.values()) == [1, 2]  # the deadlock's victim ran twice, the other once
+    with db.read() as s:
+        totals = s.execute(text("SELECT total FROM batches WHERE id = ANY(:ids)"), {"ids": ids}).scalars().all()
+    assert totals == [2, 2]  # each transaction's two updates, once each
+
+
+def test_unit_of_work_does_not_retry_other_errors(db):
+    attempts = []
+
+    def work(s):
+        attempts.append(1)
+        s.execute(text("INSERT INTO batches (atomic, total) VALUES (false, NULL)"))
+    with pytest.raises(DBAPIError):
+        db.unit_of_work(work)
+    assert len(attempts) == 1

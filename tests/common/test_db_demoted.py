@@ -39,15 +39,15 @@ def test_read_only_error_in_a_transaction_is_unavailable_and_reconnects(settings
         with own.engine.connect() as conn:
             before = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         with pytest.raises(DBAPIError) as caught:
-            with own.transaction() as s:
-                s.execute(text("INSERT INTO batches (atomic, total) VALUES (false, 1)"))
+            own.unit_of_work(lambda s: s.execute(text("INSERT INTO batches (atomic, total) VALUES (false, 1)")))
         assert caught.value.orig.pgcode == "25006"
         assert caught.value.connection_invalidated and is_unavailable(caught.value)
-        with own.transaction() as s:  # a new connection: writable again
+        def write_again(s):  # a new connection: writable again
             assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() != before
             batch = s.execute(text("INSERT INTO batches (atomic, total) VALUES (false, 1)"
                                    " RETURNING id")).scalar_one()
             s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch})
+        own.unit_of_work(write_again)
     finally:
         own.dispose()
 
@@ -56,11 +56,10 @@ def test_read_only_error_in_a_single_statement_is_unavailable_and_reconnects(set
     own = _read_only_pool(settings)
     try:
         with pytest.raises(DBAPIError) as caught:
-            own.execute_alone(INSERT, {"total": 3})
+            own.unit_of_work(INSERT, {"total": 3})
         assert caught.value.orig.pgcode == "25006" and is_unavailable(caught.value)
-        row = own.execute_alone(INSERT, {"total": 3})[0]
-        with own.transaction() as s:
-            s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": row["id"]})
+        row = own.unit_of_work(INSERT, {"total": 3})[0]
+        own.unit_of_work(lambda s: s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": row["id"]}))
     finally:
         own.dispose()
 

@@ -199,23 +199,27 @@ def test_micro_batch_gives_the_same_result_as_one_by_one(session, currencies):
 @pytest.mark.parametrize("make, error", REFUSALS)
 def test_accept_alone_refuses_like_submit_and_writes_nothing(db, make, error):
     """accept_payment without a key runs the INSERT alone (autocommit, prepared): same checks."""
-    with db.transaction() as s:
+    def setup(s):
         currencies = ledger.Currencies.load(s)
         a, b = open_(s, currencies, "10"), open_(s, currencies, "0")
         eur = open_(s, currencies, "0", currency_id=2)
         before = s.execute(text("SELECT count(*) FROM payments")).scalar_one()
+        return currencies, a, b, eur, before
+    currencies, a, b, eur, before = db.unit_of_work(setup)
     with pytest.raises(error):
         ledger.accept_payment(db, currencies, make(a, b, eur))
-    with db.transaction() as s:
+    with db.read() as s:
         assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == before
 
 
 def test_accept_alone_records_a_pending_payment(db):
-    with db.transaction() as s:
+    def setup(s):
         currencies = ledger.Currencies.load(s)
         a, b = open_(s, currencies, "10"), open_(s, currencies, "0")
+        return currencies, a, b
+    currencies, a, b = db.unit_of_work(setup)
     row, created = ledger.accept_payment(db, currencies, ledger.PaymentRequest(a, b, "2.50"))
     assert created and row["status"] == "pending" and row["amount"] == Decimal("2.50")
     assert (row["buyer_account_id"], row["seller_account_id"], row["currency_id"]) == (a, b, 1)
-    with db.transaction() as s:
+    with db.read() as s:
         assert s.execute(text("SELECT status FROM payments WHERE id = :id"), {"id": row["id"]}).scalar_one() == "pending"

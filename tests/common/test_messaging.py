@@ -30,9 +30,30 @@ class RecordingSender:
             return list(self.calls)
 
 
+def test_an_idle_dispatcher_sends_at_once_then_gathers_under_load():
+    """Idle: no window (the payment goes at once). Right after a send, what comes is gathered for
+    the window since that send, and goes in one send."""
+    sender = RecordingSender()
+    dispatcher = Dispatcher(sender, window_ms=2000)
+    started = time.monotonic()
+    dispatcher.submit([(1, 1, 2)])
+    sender.wait_for(1)
+    first = time.monotonic() - started
+    assert first < 1.0, first  # a whole window would be 2 s
+    dispatcher.submit([(2, 1, 2)])
+    dispatcher.submit([(3, 1, 2)])
+    calls = sender.wait_for(3)
+    second = time.monotonic() - started
+    assert [[p[0] for p in payments] for payments, _ in calls] == [[1], [2, 3]]
+    assert second >= 1.9, second  # gathered until a window after the first send
+
+
 def test_payments_of_several_requests_share_one_send():
     sender = RecordingSender()
     dispatcher = Dispatcher(sender, window_ms=200)
+    dispatcher.submit([(100, 1, 2)])  # the first after a quiet spell goes alone, at once
+    sender.wait_for(1)
+    sender.calls.clear()
     for n in range(1, 11):
         token = request_id_var.set(f"req-{n}")
         dispatcher.submit([(n, n, n + 100)])
@@ -72,45 +93,3 @@ def test_a_failed_send_does_not_stop_the_dispatcher():
         assert sender.changed.wait_for(lambda: not sender._fail, 5)
     dispatcher.submit([(2, 1, 2)])
     assert sender.wait_for(1)[0][0] == [(2, 1, 2)]
-
-
-def test_raw_publish_writes_what_celery_writes(broker_url):
-    """RedisPublisher's message against send_task's for the same task, queue and headers, on a
-    Redis database no worker reads: the same envelope and fields, only the ids differ."""
-    import base64
-    import json
-
-    import redis
-
-    from common.messaging import APPLY_PAYMENTS, REQUEST_IDS, RedisPublisher, make_celery
-    from common.settings import Settings
-
-    url = broker_url.rsplit("/", 1)[0] + "/15"
-    client = redis.Redis.from_url(url)
-    client.delete("payments.0")
-    try:
-        app = make_celery(Settings(broker_url=url, queues=1))
-        headers = {REQUEST_IDS: {"7": "req-7"}}
-        app.send_task(APPLY_PAYMENTS, args=[[7, 8]], headers=headers, queue="payments.0")
-        RedisPublisher(url).publish("payments.0", APPLY_PAYMENTS, [[7, 8]], headers)
-        ours, celerys = [json.loads(m) for m in client.lrange("payments.0", 0, -1)]  # LPUSH: newest first
-    finally:
-        client.delete("payments.0")
-        client.close()
-
-    def decoded(message):
-        return json.loads(base64.b64decode(message["body"]))
-    assert decoded(ours) == decoded(celerys)
-    assert ours.keys() == celerys.keys()
-    assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == \
-        {k: v for k, v in celerys.items() if k not in ("body", "headers", "properties")}
-    assert ours["headers"].keys() == celerys["headers"].keys()
-    varying = {"id", "root_id", "argsrepr", "origin", "ignore_result"}
-    assert {k: v for k, v in ours["headers"].items() if k not in varying} == \
-        {k: v for k, v in celerys["headers"].items() if k not in varying}
-    assert ours["headers"]["root_id"] == ours["headers"]["id"]
-    assert ours["properties"].keys() == celerys["properties"].keys()
-    varying = {"correlation_id", "reply_to", "delivery_tag"}
-    assert {k: v for k, v in ours["properties"].items() if k not in varying} == \
-        {k: v for k, v in celerys["properties"].items() if k not in varying}
-    assert ours["properties"]["correlation_id"] == ours["headers"]["id"]

@@ -11,7 +11,7 @@ from tests.support.processes import wait_until
 
 def wait_all_terminal(db, payment_ids: list[int], timeout_s: float) -> None:
     def pending():
-        with db.transaction() as s:
+        with db.read() as s:
             return s.execute(text(
                 "SELECT count(*) FROM payments WHERE id = ANY(:ids) AND status = 'pending'"
             ), {"ids": payment_ids}).scalar_one()
@@ -28,7 +28,7 @@ def check(db, openings: dict[int, Decimal], accepted: dict[int, tuple[int, int, 
     captured amount in two entries, any other none. Returns the counts by status."""
     captured = captured or {}
     ids = list(accepted)
-    with db.transaction() as s:
+    with db.read() as s:
         rows = {r.id: r for r in s.execute(text(
             "SELECT id, status, buyer_account_id, seller_account_id, amount, amount_captured FROM payments"
             " WHERE id = ANY(:ids)"), {"ids": ids})}

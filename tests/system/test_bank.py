@@ -39,6 +39,7 @@ from tests.conftest import AUTH, make_env, make_settings
 from tests.support import invariants, processes
 from tests.support.api import open_account
 from tests.support.processes import wait_until
+from tests.support.db import committing
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +218,7 @@ class Clients:
             with self.lock:
                 ids, done = list(self.waiting), not self.sending
             if ids:
-                with db.transaction() as s:
+                with committing(db) as s:
                     rows = s.execute(text(
                         "SELECT id, status, amount, extract(epoch FROM authorization_expires_at) AS expires_at"
                         " FROM payments WHERE id = ANY(:ids) AND status <> 'pending' ORDER BY id"),
@@ -393,7 +394,7 @@ def test_bank(fresh_database_url, services, tmp_path):
                 windows[-1][1] = time.time()
 
                 wait_until(lambda: clients.count() >= PAYMENTS * 0.4, 60, "payments before the flush")
-                with db.transaction() as s:
+                with db.read() as s:
                     faults["pending_at_flush"] = s.execute(text(
                         "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
                     faults["authorized_at_flush"] = s.execute(text(
@@ -469,7 +470,7 @@ def test_bank(fresh_database_url, services, tmp_path):
         captured = check_decisions(clients, finals)
         lifecycle = check_refunds(clients, finals)
         counts = invariants.check(db, openings, clients.accepted, captured=captured, statuses=FINAL)
-        with db.transaction() as s:
+        with db.read() as s:
             assert ledger.reconcile(s) == []
             total_payments = s.execute(text("SELECT count(*) FROM payments")).scalar_one()
             key_rows = {(r.resource_type, r.key): r.resource_id for r in s.execute(text(
@@ -513,13 +514,13 @@ def short_holds_left(db) -> int:
     """Authorized payments that expire (or expired) within a minute: the short holds (1-3 s), due
     soon or already past their expiry but not yet canceled by the sweeper. The other holds have an
     hour or more."""
-    with db.transaction() as s:
+    with committing(db) as s:
         return s.execute(text("SELECT count(*) FROM payments WHERE status = 'authorized'"
                               " AND authorization_expires_at <= now() + interval '1 minute'")).scalar_one()
 
 
 def final_rows(db, ids: list[int]) -> dict:
-    with db.transaction() as s:
+    with committing(db) as s:
         return {r.id: r for r in s.execute(text(
             "SELECT id, status, amount, amount_captured, amount_refunded, cancellation_reason, refund_of,"
             " buyer_account_id, seller_account_id, capture_method,"

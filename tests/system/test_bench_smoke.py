@@ -55,6 +55,7 @@ def test_bench_smoke_writes_every_field(tmp_path, services, loadgen):
 
     scenarios = {s["name"]: s for s in result["scenarios"]}
     assert set(scenarios) == {"uniform", "hot", "batch", "paced"}
+    assert result["idle"]["payments"] == 5 and result["idle"]["completion_seen_ms"]["p50"] > 0
     for name, s in scenarios.items():
         assert SCENARIO_FIELDS <= set(s), (name, SCENARIO_FIELDS - set(s))
         assert s["accepted_per_s"] > 0 and s["completed_per_s"] > 0, name

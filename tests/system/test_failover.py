@@ -38,6 +38,7 @@ from tests.conftest import AUTH, make_env, make_settings
 from tests.support import invariants, processes
 from tests.support.api import open_account
 from tests.support.processes import wait_until
+from tests.support.db import committing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -178,7 +179,7 @@ def test_failover_and_switchover_under_load(cluster, services, tmp_path):
             ready = http.get("/ready").json()
             old = cluster.primary()
             assert ready["database"] == {"address": "127.0.0.1", "port": old.pg_port, "primary": True}
-            with db.transaction() as s:  # synchronous replication is on, strict
+            with committing(db) as s:  # synchronous replication is on, strict
                 assert s.execute(text("SHOW synchronous_standby_names")).scalar_one() not in ("", None)
                 assert "sync" in s.execute(text("SELECT array_agg(sync_state) FROM pg_stat_replication")
                                            ).scalar_one()
@@ -248,7 +249,7 @@ def test_failover_and_switchover_under_load(cluster, services, tmp_path):
         print(f"drain: every accepted payment terminal {time.monotonic() - t_drain:.1f}s after the load stopped")
         openings = {a: OPENING for a in accounts}
         counts = invariants.check(db, openings, load.accepted)
-        with db.transaction() as s:
+        with committing(db) as s:
             assert ledger.reconcile(s) == []
             # Nothing half-written: no payment exists that no client was answered 202 for (a
             # commit cut off by the failover was found again by its key, or never happened).

@@ -19,7 +19,6 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from common import ledger
 from common.db import Database
@@ -28,7 +27,7 @@ from tests.conftest import AUTH, make_env, make_settings
 from tests.support import invariants, processes
 from tests.support.api import open_account, pay, wait_terminal
 from tests.support.processes import wait_until
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy, proxied  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -40,21 +39,8 @@ def redis_db(url: str, index: int) -> str:
     return urlunsplit(parts._replace(path=f"/{index}"))
 
 
-def proxied(database_url: str) -> tuple[TcpProxy, str]:
-    """A forwarder to the database server and the URL that goes through it."""
-    url = make_url(database_url)
-    socket_dir = url.query.get("host")
-    if socket_dir:  # the embedded server listens on a unix socket only
-        target = f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
-    else:
-        target = (url.host or "127.0.0.1", url.port or 5432)
-    proxy = TcpProxy(target)
-    through = url.set(host="127.0.0.1", port=proxy.port, query={})
-    return proxy, through.render_as_string(hide_password=False)
-
-
 def count_payments(db: Database) -> int:
-    with db.transaction() as s:
+    with db.read() as s:
         return s.execute(text("SELECT count(*) FROM payments")).scalar_one()
 
 
@@ -119,7 +105,7 @@ def test_database_unreachable(fresh_database_url, services, stack):
             assert wait_terminal(api, waiting)["status"] == "completed"
             assert api.get("/ready").status_code == 200
             assert Decimal(api.get(f"/accounts/{a}").json()["balance"]) == Decimal("94")
-        with db.transaction() as s:
+        with db.read() as s:
             assert ledger.reconcile(s) == []
             assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 3
     finally:
@@ -193,7 +179,7 @@ def test_worker_killed_in_flight(fresh_database_url, services, stack):
             # Kill the worker while it holds messages it has not acknowledged.
             wait_until(lambda: broker_redis.hlen("unacked") > 0, 10, "the worker to take messages")
             first.kill(signal.SIGKILL)
-            with db.transaction() as s:
+            with db.read() as s:
                 pending_at_kill = s.execute(text(
                     "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
             assert pending_at_kill > 0
@@ -202,7 +188,7 @@ def test_worker_killed_in_flight(fresh_database_url, services, stack):
 
         invariants.wait_all_terminal(db, list(accepted), timeout_s=60)
         counts = invariants.check(db, openings, accepted)  # 2 entries per completed, 0 per failed
-        with db.transaction() as s:
+        with db.read() as s:
             assert ledger.reconcile(s) == []
         assert counts.get("completed", 0) > 0 and counts.get("failed", 0) > 0, counts
         print(f"\nworker kill: {pending_at_kill} pending at the kill, {counts}")

@@ -20,6 +20,7 @@ from common import ledger
 from tests.conftest import AUTH
 from tests.support.api import open_account, pay, wait_terminal
 from tests.support.processes import wait_until
+from tests.support.db import committing
 
 ROUNDS = 20
 
@@ -71,7 +72,7 @@ def wait_status(http, payment_id: int, status: str) -> dict:
 
 
 def entries_moved(db, payment_id: int) -> tuple[int, Decimal]:
-    with db.transaction() as s:
+    with committing(db) as s:
         row = s.execute(text("SELECT count(*) AS n, coalesce(sum(amount) FILTER (WHERE amount > 0), 0) AS moved"
                              " FROM ledger_entries WHERE payment_id = :id"), {"id": payment_id}).one()
     return row.n, row.moved
@@ -81,7 +82,7 @@ def our_reconcile_lines(db, accounts: list[int], payments: list[int]) -> list[st
     """The reconciliation's complaints about these accounts and payments (the session's database
     holds other tests' rows too)."""
     ours = tuple([f"account {a}:" for a in accounts] + [f"payment {p}:" for p in payments])
-    with db.transaction() as s:
+    with committing(db) as s:
         return [line for line in ledger.reconcile(s) if line.startswith(ours)]
 
 
@@ -169,12 +170,12 @@ def test_capture_cancel_expiry_one_winner(http, api_url, db):
 
 def expire(db) -> list[int]:
     """What the sweeper's expiry does (common.sweeper.expire), returning the ids it canceled."""
-    with db.transaction() as session:
+    with committing(db) as session:
         return ledger.expire_authorizations(session)
 
 
 def status_in_db(db, payment_id: int) -> str:
-    with db.transaction() as s:
+    with committing(db) as s:
         return s.execute(text("SELECT status FROM payments WHERE id = :id"), {"id": payment_id}).scalar_one()
 
 
@@ -271,7 +272,7 @@ def test_same_idempotency_key_on_concurrent_captures(http, api_url, db):
     b = account(http, buyer)
     assert (Decimal(b["balance"]), Decimal(b["held"])) == (1000 - 30 - Decimal(won), 0), b
     assert Decimal(account(http, seller)["balance"]) == 30 + Decimal(won)
-    with db.transaction() as s:
+    with committing(db) as s:
         rows = s.execute(text("SELECT key, resource_type, resource_id FROM idempotency_keys WHERE key = ANY(:k)"),
                          {"k": [key, key2, key3]}).all()
     assert sorted((r.key, r.resource_type, r.resource_id) for r in rows) == sorted(
@@ -301,12 +302,12 @@ def test_capture_in_flight_at_expiry_wins(http, api_url, db):
             results["expired"] = exc
 
     def waiting_on_lock(fragment: str) -> bool:
-        with db.transaction() as s:
+        with committing(db) as s:
             return s.execute(text(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 " AND wait_event_type = 'Lock' AND query LIKE :q"), {"q": f"%{fragment}%"}).scalar_one() > 0
 
-    with db.transaction() as holder:  # the buyer's account, locked as a worker would
+    with committing(db) as holder:  # the buyer's account, locked as a worker would
         holder.execute(text("SELECT id FROM accounts WHERE id = :id FOR NO KEY UPDATE"), {"id": buyer})
         assert time.time() < expires_at - 0.5, "the hold expired before the test could start"
         capturing = threading.Thread(target=capture)
@@ -333,6 +334,6 @@ def test_capture_in_flight_at_expiry_wins(http, api_url, db):
 
 
 def sessions_waiting(db) -> int:
-    with db.transaction() as s:
+    with committing(db) as s:
         return s.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                               " AND wait_event_type = 'Lock'")).scalar_one()
