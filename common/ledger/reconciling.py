@@ -4,6 +4,8 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from common.ledger.events import event_problems
+
 def reconcile(session: Session) -> list[str]:
     """Check invariants 1-3, the holds and refunds (SPEC 9), and the entry/payment correspondence;
     returns the violations."""
@@ -57,4 +59,5 @@ def reconcile(session: Session) -> list[str]:
     )):
         problems.append(f"payment {row.id}: captured {row.amount_captured}, refunds claim {row.claimed},"
                         f" completed refunds {row.completed} but amount_refunded {row.amount_refunded}")
+    problems += event_problems(session)  # the outbox: every status change has its event
     return problems
