@@ -30,6 +30,10 @@ APPLY_PAYMENTS = "wallet.apply_payments"
 APPLY_ATOMIC_BATCH = "wallet.apply_atomic_batch"
 SWEEP = "wallet.sweep"
 DEFAULT_QUEUE = "wallet"
+# Webhooks (worker/webhooks.py): a queue of their own, so a slow receiver never delays payments.
+WEBHOOK_QUEUE = "webhooks"
+DELIVER_WEBHOOKS = "wallet.webhooks.deliver"
+WEBHOOK_FANOUT = "wallet.webhooks.fanout"
 
 # A publish that cannot reach the broker gives up quickly: the payment row is committed and the
 # sweeper will send it, so blocking a request (or the dispatcher) for long buys nothing.
@@ -56,7 +60,9 @@ def make_celery(settings: Settings) -> Celery:
         transport_options = {"confirm_publish": True}
     app.conf.update(
         task_queues=[Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE, type="direct"),
-                           routing_key=DEFAULT_QUEUE), *payment_queues],
+                           routing_key=DEFAULT_QUEUE), *payment_queues,
+                     Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE, type="direct"), routing_key=WEBHOOK_QUEUE)],
+        task_routes={DELIVER_WEBHOOKS: {"queue": WEBHOOK_QUEUE}, WEBHOOK_FANOUT: {"queue": WEBHOOK_QUEUE}},
         task_default_queue=DEFAULT_QUEUE,
         task_default_exchange=DEFAULT_QUEUE,
         task_default_routing_key=DEFAULT_QUEUE,
@@ -83,6 +89,11 @@ def make_celery(settings: Settings) -> Celery:
                 "task": SWEEP,
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": DEFAULT_QUEUE, "expires": settings.sweep_interval_seconds * 5},
+            },
+            "webhook-fanout": {  # also re-sends lost deliveries
+                "task": WEBHOOK_FANOUT,
+                "schedule": settings.webhook_fanout_interval_seconds,
+                "options": {"queue": WEBHOOK_QUEUE, "expires": settings.webhook_fanout_interval_seconds * 5},
             },
         },
     )
