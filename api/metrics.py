@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from api.wallet import wallet
+from api.webhook_metrics import WebhookCollector
 from common import metrics, routing
 from common.logging import REQUEST_ID_HEADER, accept_request_id, get_logger, request_id_var
 from common.settings import Settings
@@ -68,6 +69,7 @@ def _registry(settings: Settings) -> list[CollectorRegistry]:
     """The registries /metrics renders: all processes' metrics (or this process's), queue depths."""
     scrape_time = CollectorRegistry()
     scrape_time.register(QueueDepthCollector(settings))
+    scrape_time.register(WebhookCollector(settings))
     if metrics.multiprocess_dir():
         summed = CollectorRegistry()
         MultiProcessCollector(summed, path=metrics.multiprocess_dir())
