@@ -48,7 +48,7 @@ MAX_URL_LENGTH = 2048
 # Retries further out than this are not put on a message (ETA tasks beyond the Redis visibility
 # timeout, an hour, run twice): the sweeper sends them when they are due.
 MAX_COUNTDOWN_SECONDS = 600
-LEASE_MARGIN_SECONDS = 30  # an attempt's lease: the timeout plus this
+LEASE_MARGIN_SECONDS = 5  # an attempt's lease: twice the timeout plus this (then it may be re-sent)
 FANOUT_PAGE = 1000
 FANOUT_PAGES = 20  # per run
 SWEEP_LIMIT = 1000
@@ -424,7 +424,7 @@ def attempt(db: Database, settings: Settings, delivery_id: int, send: Send) -> s
     """Claim the delivery, POST it, record the outcome; schedule the retry. Returns the outcome:
     delivered | retry | gave_up | skipped (not due, taken, done, or its endpoint deleted)."""
     with db.transaction() as session:
-        claim = session.execute(_CLAIM, {"id": delivery_id, "lease": settings.webhook_timeout_seconds
+        claim = session.execute(_CLAIM, {"id": delivery_id, "lease": 2 * settings.webhook_timeout_seconds
                                          + LEASE_MARGIN_SECONDS}).mappings().first()
     if claim is None:
         return "skipped"
