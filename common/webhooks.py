@@ -428,7 +428,7 @@ def attempt(db: Database, settings: Settings, delivery_id: int, send: Send) -> s
                                          + LEASE_MARGIN_SECONDS}).mappings().first()
     if claim is None:
         return "skipped"
-    body = json.dumps(event_document(claim), separators=(",", ":")).encode()
+    body = json.dumps(event_document({**claim, "id": claim["event_id"]}), separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "wallet-webhooks/1",
                EVENT_ID_HEADER: str(claim["event_id"]),
                SIGNATURE_HEADER: sign(claim["secret"], int(time.time()), body)}
