@@ -97,7 +97,8 @@ def stack(services, tmp_path_factory):
     name, url = _fresh_database(services)
     broker = redis_index(services.redis_url, 8)
     redis.Redis.from_url(broker).flushdb()
-    s = Stack(url, broker, tmp_path_factory.mktemp("hooks-logs"))
+    logs = tmp_path_factory.mktemp("hooks-logs")
+    s = Stack(url, broker, logs, PROMETHEUS_MULTIPROC_DIR=str(logs / "metrics"))
     yield s
     s.stop()
     svc.drop_database(services.database_url, name)
@@ -139,6 +140,11 @@ def test_signed_deliveries_retried_until_delivered(stack):
             assert (d["status"], d["attempts"], d["last_http_status"]) == ("delivered", 3, 200), d
             assert d["delivered_at"] and d["next_attempt_at"] is None and d["last_error"] is None
 
+        metrics = stack.http.get("/metrics").text  # the worker's counters, summed by the API
+        for line in ('wallet_webhook_deliveries_total{outcome="delivered"}',
+                     'wallet_webhook_deliveries_total{outcome="retry"}',
+                     "wallet_webhook_oldest_undelivered_age_seconds", "wallet_webhook_queue_depth"):
+            assert line in metrics, line
         failed_event = {i for i, e in expected.items() if e.type == "payment.failed"}
         wait_until(lambda: filtered.delivered() >= failed_event, 30, "the failed event to its subscriber")
         assert {r.body["type"] for r in filtered.requests} == {"payment.failed"}
@@ -175,6 +181,9 @@ def test_deleted_endpoint_gets_nothing_more(stack):
         wait_terminal(stack.http, first)
         [first_event] = stack.event_ids({first})
         wait_until(lambda: doomed.count() >= 2, 30, "a few failed attempts")
+        [age] = [float(line.split()[-1]) for line in stack.http.get("/metrics").text.splitlines()
+                 if line.startswith("wallet_webhook_oldest_undelivered_age_seconds ")]
+        assert age > 0  # the failing endpoint's event is still owed
         r = stack.http.delete(f"/webhook_endpoints/{endpoint['id']}")
         assert (r.status_code, r.json()) == (200, {"id": endpoint["id"], "deleted": True})
         assert stack.http.get(f"/webhook_endpoints/{endpoint['id']}").status_code == 404
