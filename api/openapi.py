@@ -228,6 +228,10 @@ worker applies it moments later; poll `GET /payments/{id}` until it is no longer
 * **Metadata and reference**: accounts and payments take `metadata` (up to 20 string values);
   payments take your own `reference` (not unique), filterable with `GET /payments?reference=`.
 
+* **Events and webhooks**: every status change writes an event (`GET /events`, oldest first,
+  resumable with `next_cursor`); registered webhook endpoints receive them signed
+  (`Wallet-Signature: t=...,v1=<HMAC-SHA256>`), at least once: de-duplicate on the event id.
+
 * **Authentication**: every endpoint but `/health` needs `Authorization: Bearer <API key>`.
 * **Amounts** are exact decimals. Send them as JSON strings (`"500.1"`, recommended) or numbers
   (parsed exactly, never through a float); at most the currency's number of decimals, positive,

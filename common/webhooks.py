@@ -284,6 +284,9 @@ def list_endpoints(session: Session, after: int | None, limit: int) -> list[Mapp
 def delete_endpoint(session: Session, endpoint_id: int) -> None:
     """It gets nothing more: its pending deliveries are canceled (an attempt already under way
     finishes; its outcome is not recorded over the cancellation)."""
+    # Wait for a fan-out under way (it holds this row): what it makes for this endpoint is then
+    # committed, and canceled below; the next one reads the endpoint deleted.
+    session.execute(text("SELECT 1 FROM webhook_fanout WHERE id = 1 FOR UPDATE")).first()
     deleted = session.execute(text(
         "UPDATE webhook_endpoints SET deleted_at = now() WHERE id = :id AND deleted_at IS NULL RETURNING id"
     ), {"id": endpoint_id}).first()

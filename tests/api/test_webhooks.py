@@ -183,3 +183,17 @@ def test_refused_address_kinds():
                     "240.0.0.1", "::1", "::ffff:8.8.8.8", "fe80::1", "fc00::1", "ff02::1", "::",
                     "2002:7f00:1::1"):
         assert webhooks.refused_address(ipaddress.ip_address(address)), address
+
+
+def test_readme_receiver_example_verifies_our_signature():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("<!-- receiver-example -->")[1].split("```python")[1].split("```")[0]
+    example: dict = {"__name__": "readme_example"}
+    exec(code, example)
+    example["SECRET"] = "whsec_readme"
+    import time
+    body = b'{"id": 1, "type": "payment.completed"}'
+    assert example["verified"](webhooks.sign("whsec_readme", int(time.time()), body), body)
+    assert not example["verified"](webhooks.sign("whsec_other", int(time.time()), body), body)
+    assert not example["verified"](webhooks.sign("whsec_readme", int(time.time()) - 3600, body), body)
