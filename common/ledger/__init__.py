@@ -13,6 +13,7 @@ nothing else writes balances.
 - refunds: refunds as payments of their own, never more than was captured
 - entries: the ledger entries every balance change writes
 - reconciling: the invariants over the whole database
+- events: the outbox (an event per status change, in its transaction) and the feed
 """
 from common.ledger.accepting import (
     PAYMENT_COLUMNS, PaymentRequest, accept_payment, batch_refused, check_payment, check_payments,
@@ -21,6 +22,7 @@ from common.ledger.accepting import (
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
 from common.ledger.applying import Outcome, apply_atomic_batch, apply_payments
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, Currency, parse_amount
+from common.ledger.events import record_batch_finished, record_payment_events
 from common.ledger.holds import cancel_payment, capture_payment, expire_authorizations
 from common.ledger.refunds import refund_payment
 from common.ledger.idempotency import IdempotencyKey, idempotent
@@ -31,6 +33,7 @@ __all__ = [
     "PaymentRequest", "accept_payment", "apply_atomic_batch", "apply_payments", "batch_refused",
     "cancel_payment", "capture_payment", "check_payment", "expire_authorizations", "refund_payment",
     "check_payments", "create_account", "idempotent", "issuance_account_id", "open_account",
-    "parse_amount", "payment_problems", "reconcile", "set_account_status", "submit_batch",
+    "parse_amount", "payment_problems", "reconcile", "record_batch_finished", "record_payment_events",
+    "set_account_status", "submit_batch",
     "submit_payment", "submit_payments",
 ]
