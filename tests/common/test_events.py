@@ -262,3 +262,45 @@ def test_feed_pages_filter_and_resume(db):
         batches = events.read_feed(s, events.START, 1000, "batch.finished").rows
         assert batches and {r["type"] for r in batches} == {"batch.finished"}
         assert events.read_feed(s, cursor, 10).next == cursor or events.read_feed(s, cursor, 10).rows == []
+
+
+def test_migration_backfills_the_events_of_earlier_payments(services):
+    """A database at 0002 with payments in every state, upgraded: reconcile finds every event."""
+    import uuid
+    from alembic import command
+    from alembic.config import Config
+    from scripts import services as svc
+    from common.db import Database
+    from common.settings import sqlalchemy_url
+    from tests.conftest import make_settings
+    name = f"wallet_test_{uuid.uuid4().hex[:12]}"
+    url = svc.create_database(services.database_url, name)
+    config = Config(str(svc.ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(svc.ROOT / "migrations"))
+    config.attributes["database_url"] = sqlalchemy_url(url)
+    command.upgrade(config, "0002")
+    db = Database(make_settings(url, "redis://127.0.0.1:1/0"))
+    try:
+        with db.transaction() as s:
+            s.execute(text(
+                "INSERT INTO accounts (id, name, currency_id, balance) VALUES (1, 'a', 1, 0), (2, 'b', 1, 0);"
+                "INSERT INTO batches (id, atomic, total) VALUES (1, false, 2), (2, false, 2);"
+                "INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, status,"
+                "  failure_code, batch_id, completed_at, capture_method, authorization_expires_at,"
+                "  cancellation_reason) VALUES"
+                " (1, 2, 1, 1, 'failed', 'insufficient_funds', 1, now(), 'automatic', NULL, NULL),"
+                " (1, 2, 1, 1, 'failed', 'insufficient_funds', 1, now(), 'automatic', NULL, NULL),"
+                " (1, 2, 1, 1, 'failed', 'account_frozen', 2, now(), 'automatic', NULL, NULL),"
+                " (1, 2, 1, 1, 'pending', NULL, 2, NULL, 'automatic', NULL, NULL),"
+                " (1, 2, 1, 1, 'canceled', NULL, NULL, now(), 'manual', now(), 'requested')"))
+        command.upgrade(config, "head")
+        with db.transaction() as s:
+            assert ledger.reconcile(s) == []
+            assert s.execute(text("SELECT type, count(*) FROM events GROUP BY type ORDER BY type")).all() == [
+                ("batch.finished", 1), ("payment.authorized", 1), ("payment.canceled", 1), ("payment.failed", 3)]
+            assert s.execute(text("SELECT id, settled FROM batches ORDER BY id")).all() == [(1, 2), (2, 1)]
+        command.downgrade(config, "0002")
+        command.upgrade(config, "head")
+    finally:
+        db.dispose()
+        svc.drop_database(services.database_url, name)

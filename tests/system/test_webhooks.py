@@ -172,6 +172,33 @@ def test_receiver_hanging_past_the_timeout_is_retried(stack):
         receiver.close()
 
 
+def test_slow_receiver_never_delays_payments(stack):
+    """Deliveries to a receiver taking 0.9 s each (the timeout is 1 s) keep every delivery thread
+    busy; payments applied meanwhile complete as fast as ever (the delivery task only hands its
+    ids to the threads, so no pool process waits on the receiver)."""
+    slow = Receiver(delay_s=0.9)
+    try:
+        endpoint = stack.register(slow)
+        a, b = open_account(stack.http, "100")["id"], open_account(stack.http)["id"]
+        first = [pay(stack.http, a, b, "1")["id"] for _ in range(40)]
+        for pid in first:
+            wait_terminal(stack.http, pid)
+        wait_until(lambda: slow.count() >= 1, 30, "deliveries to the slow receiver to start")
+        latencies = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            wait_terminal(stack.http, pay(stack.http, a, b, "1")["id"])
+            latencies.append(time.monotonic() - t0)
+        pending = [d for d in stack.deliveries(endpoint["id"]) if d["status"] == "pending"]
+        assert pending, "the receiver was not slow enough to matter"
+        assert max(latencies) < 2.0, latencies
+        print(f"\nslow receiver: payments completed in {[round(x, 3) for x in latencies]} s"
+              f" with {len(pending)} deliveries pending")
+    finally:
+        stack.http.delete(f"/webhook_endpoints/{endpoint['id']}")
+        slow.close()
+
+
 def test_deleted_endpoint_gets_nothing_more(stack):
     doomed, marker = Receiver(always=500), Receiver()
     try:
