@@ -16,6 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import text
 
 from api.wallet import wallet
+from api.webhook_metrics import WebhookCollector
 from common import metrics, routing
 from common.db import Database
 from common.logging import REQUEST_ID_HEADER, accept_request_id, get_logger, request_id_var
@@ -74,6 +75,7 @@ def _registry(settings: Settings, db: Database) -> list[CollectorRegistry]:
     scrape_time = CollectorRegistry()
     scrape_time.register(QueueDepthCollector(settings))
     scrape_time.register(BacklogCollector(db))
+    scrape_time.register(WebhookCollector(settings))
     if metrics.multiprocess_dir():
         summed = CollectorRegistry()
         MultiProcessCollector(summed, path=metrics.multiprocess_dir())

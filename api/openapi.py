@@ -20,9 +20,10 @@ from flask import Blueprint, Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api import parsing, schemas
+from api import event_schemas, parsing, schemas
 from api.routes.idempotency import MAX_KEY_LENGTH
 from api.schemas import MAX_ID
+from common.ledger.events import EVENT_TYPES
 
 bp = Blueprint("openapi", __name__)
 
@@ -170,6 +171,46 @@ ROUTES: tuple[Route, ...] = (
                       "(`batch_failed`)."),
     Route("get", "/batches/{batch_id}", "getBatch", "A batch's progress", "payments",
           {200: schemas.Batch}, params=(_id("batch_id", "batch"),), errors=(401, 404, 503)),
+
+    Route("get", "/events", "listEvents", "Events, oldest first: follow next_cursor", "events",
+          {200: event_schemas.EventList}, errors=(400, 401, 503), params=(
+              Param("limit", PAGE[0].schema, "Page size"),
+              Param("cursor", {"type": "string"}, "Where to resume: the `next_cursor` of the "
+                    "previous page (never null here); none: from the first event"),
+              Param("type", {"type": "string", "enum": list(EVENT_TYPES)}, "Only events of this type")),
+          description="Every status change of a payment writes an event in the same transaction "
+                      "(payment.authorized, payment.completed, payment.failed, payment.canceled), "
+                      "and a batch with no pending payment left writes batch.finished. The order "
+                      "is the order in which events became safe to read, not the id order: a "
+                      "consumer that follows `next_cursor` sees every event exactly once."),
+    Route("get", "/events/{event_id}", "getEvent", "One event", "events", {200: event_schemas.Event},
+          params=(_id("event_id", "event"),), errors=(401, 404, 503)),
+    Route("post", "/webhook_endpoints", "createWebhookEndpoint",
+          "Register a URL to receive events, signed", "webhooks",
+          {201: event_schemas.WebhookEndpointCreated}, body=event_schemas.WebhookEndpointCreate,
+          errors=(400, 401, 413, 422, 503), headers={201: LOCATION},
+          description="Answers the `secret` (whsec_...) once. Each event is POSTed with headers "
+                      "`Wallet-Event-Id` and `Wallet-Signature: t=<unix seconds>,v1=<hex "
+                      "HMAC-SHA256(secret, \"<t>.<raw body>\")>`; a 2xx within 10 s is delivered, "
+                      "anything else (3xx included: redirects are not followed) is retried with "
+                      "exponential backoff, then given up. At least once: de-duplicate on the event "
+                      "id. 422 when the URL is not http(s) or its host does not resolve to public "
+                      "addresses."),
+    Route("get", "/webhook_endpoints", "listWebhookEndpoints", "Webhook endpoints, newest first",
+          "webhooks", {200: event_schemas.WebhookEndpointList}, params=PAGE, errors=(400, 401, 503)),
+    Route("get", "/webhook_endpoints/{endpoint_id}", "getWebhookEndpoint", "One webhook endpoint "
+          "(without its secret)", "webhooks", {200: event_schemas.WebhookEndpoint},
+          params=(_id("endpoint_id", "webhook endpoint"),), errors=(401, 404, 503)),
+    Route("delete", "/webhook_endpoints/{endpoint_id}", "deleteWebhookEndpoint",
+          "Delete a webhook endpoint: it receives nothing more", "webhooks",
+          {200: event_schemas.WebhookEndpointDeleted}, params=(_id("endpoint_id", "webhook endpoint"),),
+          errors=(401, 404, 503)),
+    Route("get", "/webhook_endpoints/{endpoint_id}/deliveries", "listWebhookDeliveries",
+          "An endpoint's deliveries, newest first: attempts, last status or error, next attempt",
+          "webhooks", {200: event_schemas.WebhookDeliveryList}, errors=(400, 401, 404, 503), params=(
+              _id("endpoint_id", "webhook endpoint"), *PAGE,
+              Param("status", {"type": "string", "enum": ["pending", "delivered", "failed", "canceled"]},
+                    "Filter"))),
 )
 
 DESCRIPTION = """\
@@ -186,6 +227,10 @@ worker applies it moments later; poll `GET /payments/{id}` until it is no longer
   `amount_refunded` (completed refunds). List them with `GET /payments?refund_of=<id>`.
 * **Metadata and reference**: accounts and payments take `metadata` (up to 20 string values);
   payments take your own `reference` (not unique), filterable with `GET /payments?reference=`.
+
+* **Events and webhooks**: every status change writes an event (`GET /events`, oldest first,
+  resumable with `next_cursor`); registered webhook endpoints receive them signed
+  (`Wallet-Signature: t=...,v1=<HMAC-SHA256>`), at least once: de-duplicate on the event id.
 
 * **Authentication**: every endpoint but `/health` needs `Authorization: Bearer <API key>`.
 * **Amounts** are exact decimals. Send them as JSON strings (`"500.1"`, recommended) or numbers

@@ -27,6 +27,10 @@ APPLY_PAYMENTS = "wallet.apply_payments"
 APPLY_ATOMIC_BATCH = "wallet.apply_atomic_batch"
 SWEEP = "wallet.sweep"
 DEFAULT_QUEUE = "wallet"
+# Webhooks (worker/webhooks.py): a queue of their own, so a slow receiver never delays payments.
+WEBHOOK_QUEUE = "webhooks"
+DELIVER_WEBHOOKS = "wallet.webhooks.deliver"
+WEBHOOK_FANOUT = "wallet.webhooks.fanout"
 
 # Message headers carrying request ids into the worker's log lines. The dispatcher puts payments
 # of many requests into one message, so a message maps each payment id to its request id
@@ -65,7 +69,9 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
                              "write_timeout": socket_timeout}
     app.conf.update(
         task_queues=[Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE, type="direct"),
-                           routing_key=DEFAULT_QUEUE), *payment_queues],
+                           routing_key=DEFAULT_QUEUE), *payment_queues,
+                     Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE, type="direct"), routing_key=WEBHOOK_QUEUE)],
+        task_routes={DELIVER_WEBHOOKS: {"queue": WEBHOOK_QUEUE}, WEBHOOK_FANOUT: {"queue": WEBHOOK_QUEUE}},
         task_default_queue=DEFAULT_QUEUE,
         task_default_exchange=DEFAULT_QUEUE,
         task_default_routing_key=DEFAULT_QUEUE,
@@ -92,6 +98,11 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
                 "task": SWEEP,
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": DEFAULT_QUEUE, "expires": settings.sweep_interval_seconds * 5},
+            },
+            "webhook-fanout": {  # also re-sends lost deliveries
+                "task": WEBHOOK_FANOUT,
+                "schedule": settings.webhook_fanout_interval_seconds,
+                "options": {"queue": WEBHOOK_QUEUE, "expires": settings.webhook_fanout_interval_seconds * 5},
             },
         },
     )

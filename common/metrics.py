@@ -43,6 +43,9 @@ APPLY_LATENCY = Histogram("wallet_apply_duration_seconds",
                           "Worker time to apply one message's payments (one transaction, retries included)",
                           ["task"], buckets=_LATENCY_BUCKETS)
 
+WEBHOOK_DELIVERIES = Counter("wallet_webhook_deliveries", "Webhook delivery attempts by outcome",
+                             ["outcome"])  # delivered | retry | gave_up
+
 _multiprocess_dir: str | None = None
 _sweeper_last_run: Gauge | None = None
 _sweeper_lock = threading.Lock()

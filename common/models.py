@@ -6,9 +6,19 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger, Boolean, CheckConstraint, Column, DateTime, ForeignKey, Index, Integer, MetaData,
-    Numeric, SmallInteger, String, Table, func, text,
+    Numeric, SmallInteger, String, Table, Text, UniqueConstraint, func, text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB
+from sqlalchemy.types import UserDefinedType
+
+
+class Xid8(UserDefinedType):
+    """PostgreSQL's 64-bit transaction id: the events feed orders by it (common.ledger.events)."""
+    cache_ok = True
+
+    def get_col_spec(self, **_):
+        return "xid8"
+
 
 metadata = MetaData()
 
@@ -54,6 +64,9 @@ batches = Table(
     Column("id", BigInteger, primary_key=True),
     Column("atomic", Boolean, nullable=False),
     Column("total", Integer, nullable=False),
+    # How many of its payments have left `pending`: the transaction that brings it to `total`
+    # writes the one batch.finished event.
+    Column("settled", Integer, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
@@ -146,4 +159,65 @@ api_keys = Table(
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("revoked_at", DateTime(timezone=True)),
+)
+
+# The transactional outbox: one row per status change, written in the change's transaction.
+events = Table(
+    "events", metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("txid", Xid8, nullable=False, server_default=text("pg_current_xact_id()")),
+    Column("type", String(32), nullable=False),
+    Column("object_id", BigInteger, nullable=False),
+    Column("object", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("events_feed_idx", "txid", "id"),
+    Index("events_type_feed_idx", "type", "txid", "id"),
+)
+
+webhook_endpoints = Table(
+    "webhook_endpoints", metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("events", ARRAY(Text), nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("deleted_at", DateTime(timezone=True)),
+    Index("webhook_endpoints_active_idx", "id", postgresql_where=text("deleted_at IS NULL")),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries", metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("endpoint_id", BigInteger, ForeignKey("webhook_endpoints.id"), nullable=False),
+    Column("event_id", BigInteger, ForeignKey("events.id"), nullable=False),
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_http_status", Integer),
+    Column("last_error", Text),
+    Column("delivered_at", DateTime(timezone=True)),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("enqueued_at", DateTime(timezone=True)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("status IN ('pending', 'delivered', 'failed', 'canceled')",
+                    name="webhook_deliveries_status_valid"),
+    CheckConstraint("(status = 'pending') = (next_attempt_at IS NOT NULL)",
+                    name="webhook_deliveries_next_attempt_iff_pending"),
+    CheckConstraint("(status = 'delivered') = (delivered_at IS NOT NULL)",
+                    name="webhook_deliveries_delivered_at_iff_delivered"),
+    UniqueConstraint("endpoint_id", "event_id", name="webhook_deliveries_endpoint_event_key"),
+    Index("webhook_deliveries_endpoint_idx", "endpoint_id", "id"),
+    Index("webhook_deliveries_due_idx", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+    Index("webhook_deliveries_undelivered_idx", "event_id", postgresql_where=text("status = 'pending'")),
+)
+
+# The fan-out's cursor in the events feed: one row.
+webhook_fanout = Table(
+    "webhook_fanout", metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("txid", Xid8, nullable=False),
+    Column("event_id", BigInteger, nullable=False),
+    CheckConstraint("id = 1", name="webhook_fanout_id_check"),
 )

@@ -68,6 +68,13 @@ class Settings:
     # prometheus_client multiprocess mode: every API and worker process writes its metrics here
     # and /metrics sums them. Empty: each process reports only its own (fine for one process).
     metrics_dir: str = ""
+    # Webhooks (SPEC section 10, common.webhooks).
+    webhook_retry_base_seconds: float = 30.0
+    webhook_max_attempts: int = 12  # counting the first
+    webhook_timeout_seconds: float = 10.0  # one deadline for the whole attempt
+    webhook_allow_private: bool = False  # 1: URLs may reach private addresses (development, tests)
+    webhook_threads: int = 8  # delivery threads per worker process
+    webhook_fanout_interval_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -103,6 +110,13 @@ class Settings:
             log_level=env.get("WALLET_LOG_LEVEL", d.log_level),
             access_log=env.get("WALLET_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no", "off"),
             metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", ""),
+            webhook_retry_base_seconds=num("WALLET_WEBHOOK_RETRY_BASE_SECONDS", d.webhook_retry_base_seconds, float),
+            webhook_max_attempts=num("WALLET_WEBHOOK_MAX_ATTEMPTS", d.webhook_max_attempts),
+            webhook_timeout_seconds=num("WALLET_WEBHOOK_TIMEOUT_SECONDS", d.webhook_timeout_seconds, float),
+            webhook_allow_private=env.get("WALLET_WEBHOOK_ALLOW_PRIVATE", "0").strip().lower() in ("1", "true", "yes", "on"),
+            webhook_threads=num("WALLET_WEBHOOK_THREADS", d.webhook_threads),
+            webhook_fanout_interval_seconds=num("WALLET_WEBHOOK_FANOUT_INTERVAL_SECONDS",
+                                                d.webhook_fanout_interval_seconds, float),
         )
 
     def __post_init__(self) -> None:
@@ -114,6 +128,8 @@ class Settings:
             raise ValueError("WALLET_PUBLISH_TIMEOUT_MS must be positive")
         if self.max_pending < 0:
             raise ValueError("WALLET_MAX_PENDING must be 0 (no bound) or more")
+        if self.webhook_max_attempts < 1 or self.webhook_threads < 1 or self.webhook_timeout_seconds <= 0:
+            raise ValueError("WALLET_WEBHOOK_MAX_ATTEMPTS, _THREADS and _TIMEOUT_SECONDS must be positive")
 
 
 @functools.cache

@@ -85,7 +85,9 @@ def _run(services, procs: dict[str, subprocess.Popen], database_url: str, more_b
     env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": services.redis_url,
            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
            "WALLET_API_KEYS": os.environ.get("WALLET_API_KEYS") or api_key,
-           "FLOWER_BASIC_AUTH": flower_auth, "PYTHONUNBUFFERED": "1"}
+           "FLOWER_BASIC_AUTH": flower_auth, "PYTHONUNBUFFERED": "1",
+           # a local receiver (http://localhost:...) may be registered as a webhook endpoint
+           "WALLET_WEBHOOK_ALLOW_PRIVATE": os.environ.get("WALLET_WEBHOOK_ALLOW_PRIVATE", "1")}
     commands = {
         "api": [BIN / "gunicorn", "api:create_app()", "--bind", f"0.0.0.0:{API_PORT}", "--workers", "2"],
         "worker": [BIN / "celery", "-A", "worker", "worker", "--loglevel=INFO"],

@@ -84,7 +84,7 @@ def broker_url(services):
 def make_settings(database_url: str, broker_url: str, **overrides) -> Settings:
     values = dict(database_url=sqlalchemy_url(database_url), broker_url=broker_url,
                   api_key_hashes=frozenset({hash_api_key(API_KEY)}), sweep_after_seconds=2.0,
-                  sweep_interval_seconds=1.0)
+                  sweep_interval_seconds=1.0, webhook_allow_private=True)
     values.update(overrides)
     return Settings(**values)
 
@@ -92,7 +92,7 @@ def make_settings(database_url: str, broker_url: str, **overrides) -> Settings:
 def make_env(database_url: str, broker_url: str, **extra: str) -> dict[str, str]:
     return processes.service_env(database_url, broker_url, WALLET_API_KEYS=API_KEY,
                                  WALLET_SWEEP_AFTER_SECONDS="2", WALLET_SWEEP_INTERVAL_SECONDS="1",
-                                 **extra)
+                                 **{"WALLET_WEBHOOK_ALLOW_PRIVATE": "1", **extra})
 
 
 @pytest.fixture(scope="session")

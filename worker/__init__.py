@@ -8,3 +8,4 @@ from common.settings import get_settings
 app = make_celery(get_settings())
 
 import worker.tasks  # noqa: E402,F401  (registers the tasks on `app`)
+import worker.webhooks  # noqa: E402,F401  (the webhook tasks)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from flask import Flask
 from werkzeug.routing import BaseConverter, ValidationError
 
-from api.routes import accounts, meta, payments
+from api.routes import accounts, events, meta, payments, webhooks
 from api.schemas import MAX_ID
 
 
@@ -22,5 +22,5 @@ class IdConverter(BaseConverter):
 def register_routes(app: Flask) -> None:
     app.url_map.converters["id"] = IdConverter
     app.url_map.strict_slashes = False
-    for module in (meta, accounts, payments):
+    for module in (meta, accounts, payments, events, webhooks):
         app.register_blueprint(module.bp)

@@ -14,6 +14,7 @@ nothing else writes balances.
 - entries: the ledger entries every balance change writes
 - isolating: failing what cannot be applied (internal_error), so it holds up nothing
 - reconciling: the invariants over the whole database
+- events: the outbox (an event per status change, in its transaction) and the feed
 """
 from common.ledger.accepting import (
     PAYMENT_COLUMNS, PaymentRequest, accept_payment, batch_refused, check_payment, check_payments,
@@ -22,6 +23,7 @@ from common.ledger.accepting import (
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
 from common.ledger.applying import Outcome, apply_as_one_set, apply_atomic_batch, apply_payments
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, Currency, parse_amount
+from common.ledger.events import record_batch_finished, record_payment_events
 from common.ledger.holds import cancel_payment, capture_payment, expire_authorizations
 from common.ledger.idempotency import IdempotencyKey, idempotent, replayed
 from common.ledger.isolating import fail_payments
@@ -31,9 +33,10 @@ from common.ledger.refunds import refund_payment
 __all__ = [
     "PAYMENT_COLUMNS", "WIDEST_CURRENCY", "Currencies", "Currency", "IdempotencyKey", "Outcome",
     "PaymentRequest", "accept_payment", "apply_as_one_set", "apply_atomic_batch", "apply_payments",
-    "batch_refused", "cancel_payment", "capture_payment", "check_payment", "expire_authorizations",
-    "check_payments", "create_account", "fail_payments", "idempotent", "issuance_account_id",
-    "open_account", "parse_amount", "payment_problems", "reconcile", "refund_payment", "replayed",
+    "batch_refused", "cancel_payment", "capture_payment", "check_payment", "check_payments",
+    "create_account", "expire_authorizations", "fail_payments", "idempotent", "issuance_account_id",
+    "open_account", "parse_amount", "payment_problems", "reconcile", "record_batch_finished",
+    "record_payment_events", "refund_payment", "replayed",
     "set_account_status", "submit_batch",
     "submit_payment", "submit_payments",
 ]

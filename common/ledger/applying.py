@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from common import money
 from common.errors import FailureCode
 from common.ledger.entries import INSERT_ENTRIES, entry_params
+from common.ledger.events import APPLY_EVENTS, record_batch_finished
 
 
 @dataclass(frozen=True)
@@ -130,20 +131,21 @@ def _apply(session: Session, payments: Sequence[Any], *, atomic: bool) -> list[O
     return outcomes
 
 
-# One round trip for all the writes: balances and holds, entries, payment statuses.
+# One round trip for all the writes: balances and holds, entries, payment statuses, and their
+# events (common.ledger.events), which answers the ids of the batches it finished.
 _WRITE = (
     "WITH balances AS ("
     "  UPDATE accounts a SET balance = v.balance, held = v.held, updated_at = now()"
     "  FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric[]),"
     "              CAST(:helds AS numeric[])) AS v(id, balance, held)"
     "  WHERE a.id = v.id RETURNING 1),"
-    f" entries AS ({INSERT_ENTRIES} RETURNING 1){{refunds}}"
-    " UPDATE payments p SET status = v.status, failure_code = v.code,"
+    f" entries AS ({INSERT_ENTRIES} RETURNING 1){{refunds}},"
+    " paid AS (UPDATE payments p SET status = v.status, failure_code = v.code,"
     "   completed_at = CASE WHEN v.status = 'authorized' THEN NULL ELSE now() END,"
     "   amount_captured = CASE WHEN v.status = 'completed' THEN p.amount END"
     " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:codes AS text[]))"
     "      AS v(id, status, code)"
-    " WHERE p.id = v.id"
+    " WHERE p.id = v.id RETURNING p.*)" + APPLY_EVENTS.replace("{", "{{").replace("}", "}}")
 )
 # Only when refunds completed: the originals' amount_refunded grows (they are completed, so never
 # among the pending payments this statement updates).
@@ -164,10 +166,11 @@ def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], en
               "ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
               "codes": [o.failure_code and str(o.failure_code) for o in outcomes]}
     if refunded:
-        session.execute(_WRITE_WITH_REFUNDS, {**params, "originals": list(refunded),
-                                              "refunded": list(refunded.values())})
+        result = session.execute(_WRITE_WITH_REFUNDS, {**params, "originals": list(refunded),
+                                                       "refunded": list(refunded.values())})
     else:
-        session.execute(_WRITE_PLAIN, params)
+        result = session.execute(_WRITE_PLAIN, params)
+    record_batch_finished(session, result.scalars().all())
 
 
 def _refusal(p: Any, accounts: _Accounts) -> FailureCode | None:

@@ -18,6 +18,7 @@ from common.errors import InvalidAmount, InvalidState, NotFound
 from common.ledger.accepting import PAYMENT_COLUMNS, payment_rows
 from common.ledger.currencies import Currencies, parse_amount
 from common.ledger.entries import insert_entries
+from common.ledger.events import record_payment_events
 from common.ledger.idempotency import IdempotencyKey, idempotent
 
 EXPIRE_LIMIT = 1000  # authorizations expired per sweep transaction
@@ -68,10 +69,12 @@ def _capture(session: Session, currencies: Currencies, payment_id: int, amount_r
     ])
     insert_entries(session, [(p.buyer, p.id, -amount, balances[p.buyer]),
                              (p.seller, p.id, amount, balances[p.seller])])
-    return session.execute(text(
+    row = session.execute(text(
         "UPDATE payments SET status = 'completed', amount_captured = :amount, completed_at = now()"
         f" WHERE id = :id RETURNING {PAYMENT_COLUMNS}"
     ), {"id": p.id, "amount": amount}).mappings().one()
+    record_payment_events(session, [p.id], settled=False)
+    return row
 
 
 def cancel_payment(session: Session, payment_id: int, key: IdempotencyKey | None = None
@@ -81,10 +84,12 @@ def cancel_payment(session: Session, payment_id: int, key: IdempotencyKey | None
         p = lock_payment(session, payment_id)
         _require_authorized(p)
         _lock_and_update(session, [(p.buyer, Decimal(0), -p.amount)])
-        return session.execute(text(
+        row = session.execute(text(
             "UPDATE payments SET status = 'canceled', cancellation_reason = 'requested',"
             f" completed_at = now() WHERE id = :id RETURNING {PAYMENT_COLUMNS}"
         ), {"id": p.id}).mappings().one()
+        record_payment_events(session, [p.id], settled=False)
+        return row
 
     return idempotent(session, key, "cancel", create=create,
                       load=lambda pid: payment_rows(session, [pid])[0])
@@ -109,6 +114,7 @@ def expire_authorizations(session: Session, limit: int = EXPIRE_LIMIT) -> list[i
         "UPDATE payments SET status = 'canceled', cancellation_reason = 'expired', completed_at = now()"
         " WHERE id = ANY(:ids)"
     ), {"ids": ids})
+    record_payment_events(session, ids, settled=False)
     return ids
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from common.errors import FailureCode
 from common.ledger.applying import Outcome
+from common.ledger.events import record_payment_events
 
 _FAIL = text(
     "UPDATE payments p SET status = 'failed', failure_code = v.code, completed_at = now()"
@@ -25,7 +26,8 @@ _FAIL = text(
 def fail_payments(session: Session, codes: Mapping[int, FailureCode]) -> list[Outcome]:
     """Mark these payments failed with their code, those still pending only (the UPDATE waits for
     a transaction applying one and then skips it if it ended terminal). Moves no money and writes
-    no ledger entry. Returns the outcomes of the payments it failed, in id order."""
+    no ledger entry; writes their events. Returns the outcomes of the payments it failed, in id order."""
     ids = sorted(codes)
     rows = session.execute(_FAIL, {"ids": ids, "codes": [str(codes[i]) for i in ids]}).all()
+    record_payment_events(session, [row.id for row in rows])  # in this transaction: the outbox
     return sorted((Outcome(row.id, FailureCode(row.code)) for row in rows), key=lambda o: o.payment_id)

@@ -4,9 +4,11 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-def reconcile(session: Session) -> list[str]:
-    """Check invariants 1-3, the holds and refunds (SPEC 9), and the entry/payment correspondence;
-    returns the violations."""
+from common.ledger.events import event_problems
+
+def reconcile(session: Session, *, events: bool = True) -> list[str]:
+    """Check invariants 1-3, the holds and refunds (SPEC 9), the entry/payment correspondence and
+    (unless `events` is False) the outbox; returns the violations."""
     problems = []
     for row in session.execute(text(
         "SELECT c.code, sum(a.balance) AS total FROM accounts a JOIN currencies c ON c.id = a.currency_id"
@@ -59,4 +61,6 @@ def reconcile(session: Session) -> list[str]:
     )):
         problems.append(f"payment {row.id}: captured {row.amount_captured}, refunds claim {row.claimed},"
                         f" completed refunds {row.completed} but amount_refunded {row.amount_refunded}")
+    if events:  # the outbox: every status change has its event
+        problems += event_problems(session)
     return problems

@@ -44,3 +44,15 @@ def test_flower_needs_basic_auth_and_shows_the_worker(flower, worker):
 
     page = httpx.get(f"{flower}/workers", auth=(USER, PASSWORD), timeout=10)
     assert page.status_code == 200 and "Workers" in page.text
+
+
+def test_flower_shows_the_webhook_tasks_and_queue(flower, worker):
+    """Deliveries are tasks of their own names on a queue of their own (a slow receiver never
+    sits in a payment queue)."""
+    def info():
+        r = httpx.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=(USER, PASSWORD), timeout=10)
+        workers = [v for k, v in r.json().items() if k.startswith("worker@")]
+        return workers[0] if workers and workers[0].get("registered") and workers[0].get("active_queues") else None
+    found = wait_until(info, 30, "flower to know the worker's tasks and queues", interval_s=0.5)
+    assert {"wallet.webhooks.deliver", "wallet.webhooks.fanout"} <= set(found["registered"])
+    assert "webhooks" in {q["name"] for q in found["active_queues"]}
