@@ -27,6 +27,7 @@ import json
 import os
 import pstats
 import random
+import statistics
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -80,24 +81,35 @@ def _single_bodies(rng: random.Random, ids: list[int], count: int) -> list[bytes
             for b, s in (rng.sample(ids, 2) for _ in range(count))]
 
 
-def measure(name, db, counter, run, requests, payments, profile, results):
-    counter.n = 0
-    pg0, cpu0, wall0 = _backend_cpu(db), time.process_time(), time.perf_counter()
+def measure(name, db, counter, run, items, per_item, profile, results, rounds=5):
+    """Run `run(chunk)` over `items` in `rounds` chunks; report the median and the minimum of the
+    per-chunk CPU (the minimum is the least disturbed by other work on the machine)."""
+    size = max(1, len(items) // rounds)
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
     prof = cProfile.Profile() if profile == name else None
-    if prof:
-        prof.enable()
-    run()
-    if prof:
-        prof.disable()
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    time.sleep(0.05)
-    pg = _backend_cpu(db) - pg0
-    row = {"scenario": name, "requests": requests, "payments": payments,
-           "py_ms_per_request": round(cpu * 1000 / requests, 3),
-           "py_ms_per_payment": round(cpu * 1000 / max(payments, 1), 4),
-           "pg_ms_per_payment": round(pg * 1000 / max(payments, 1), 4),
-           "statements_per_request": round(counter.n / requests, 2),
-           "wall_s": round(wall, 2)}
+    py, pg, statements, wall = [], [], 0, 0.0
+    for chunk in chunks:
+        counter.n = 0
+        pg0, cpu0, wall0 = _backend_cpu(db), time.process_time(), time.perf_counter()
+        if prof:
+            prof.enable()
+        run(chunk)
+        if prof:
+            prof.disable()
+        cpu, took = time.process_time() - cpu0, time.perf_counter() - wall0
+        pg.append((_backend_cpu(db) - pg0) / len(chunk))
+        py.append(cpu / len(chunk))
+        statements += counter.n
+        wall += took
+    payments = len(items) * per_item
+    med = statistics.median
+    row = {"scenario": name, "requests": len(items), "payments": payments,
+           "py_ms_per_request": round(med(py) * 1000, 3), "py_ms_per_request_min": round(min(py) * 1000, 3),
+           "pg_ms_per_payment": round(med(pg) * 1000 / max(per_item, 1), 4),
+           "statements_per_request": round(statements / len(items), 2), "wall_s": round(wall, 2)}
+    if per_item:
+        row["py_ms_per_payment"] = round(med(py) * 1000 / per_item, 4)
+        row["py_ms_per_payment_min"] = round(min(py) * 1000 / per_item, 4)
     results.append(row)
     print(json.dumps(row), flush=True)
     if prof:
@@ -159,67 +171,69 @@ def main() -> None:
         return not only or name in only
 
     if want("noop"):
-        def noop():
-            for _ in range(2000):
+        def noop(chunk):
+            for _ in chunk:
                 client.get("/health", headers=headers)
-        measure("noop", w.db, counter, noop, 2000, 0, args.profile, results)
+        measure("noop", w.db, counter, noop, list(range(2000)), 0, args.profile, results)
 
     if want("batch"):
         bodies = _bodies(rng, ids, args.batches, args.batch_size)
 
-        def batch():
-            for body in bodies:
+        def batch(chunk):
+            for body in chunk:
                 r = client.post("/payments/batch", data=body, headers=headers)
                 assert r.status_code == 202, r.get_data()
-        measure("batch", w.db, counter, batch, len(bodies), len(bodies) * args.batch_size,
-                args.profile, results)
+        measure("batch", w.db, counter, batch, bodies, args.batch_size, args.profile, results)
 
     if want("single"):
         singles = _single_bodies(rng, ids, args.singles)
 
-        def single():
-            for body in singles:
+        def single(chunk):
+            for body in chunk:
                 r = client.post("/payments", data=body, headers=headers)
                 assert r.status_code == 202, r.get_data()
-        measure("single", w.db, counter, single, len(singles), len(singles), args.profile, results)
+        measure("single", w.db, counter, single, singles, 1, args.profile, results)
 
     time.sleep(w.settings.dispatch_window_ms / 1000 + 0.3)  # the dispatcher's last send
     if want("refused") or want("invalid"):
         w.admission.max_pending = 1  # the payments above are pending: every payment POST is refused
         refused_bodies = _bodies(rng, ids, args.refused, args.batch_size)
 
-        def refused():
-            for body in refused_bodies:
+        def refused(chunk):
+            for body in chunk:
                 r = client.post("/payments/batch", data=body, headers=headers)
                 assert r.status_code == 429, r.get_data()
         if want("refused"):
-            measure("refused", w.db, counter, refused, len(refused_bodies),
-                    len(refused_bodies) * args.batch_size, args.profile, results)
+            measure("refused", w.db, counter, refused, refused_bodies, args.batch_size,
+                    args.profile, results)
         invalid_bodies = []
         for body in refused_bodies[:100]:
             doc = json.loads(body)
             doc["payments"][50]["amount"] = "0.001x"  # malformed: refused before admission
             invalid_bodies.append(json.dumps(doc).encode())
 
-        def invalid():
-            for body in invalid_bodies:
+        def invalid(chunk):
+            for body in chunk:
                 r = client.post("/payments/batch", data=body, headers=headers)
                 assert r.status_code == 422, r.get_data()
         if want("invalid"):
-            measure("invalid", w.db, counter, invalid, len(invalid_bodies),
-                    len(invalid_bodies) * args.batch_size, args.profile, results)
+            measure("invalid", w.db, counter, invalid, invalid_bodies, args.batch_size,
+                    args.profile, results)
         w.admission.max_pending = 0
 
     if want("apply"):
         with w.db.transaction() as session:
             pending = session.execute(text(
                 "SELECT id FROM payments WHERE status = 'pending' ORDER BY id")).scalars().all()
-        sets = [pending[i:i + args.apply_set] for i in range(0, len(pending), args.apply_set)]
+        full = len(pending) - len(pending) % args.apply_set
+        sets = [pending[i:i + args.apply_set] for i in range(0, full, args.apply_set)]
 
-        def apply():
-            for chunk in sets:
-                w.db.run(lambda session: ledger.apply_payments(session, chunk))
-        measure("apply", w.db, counter, apply, len(sets), len(pending), args.profile, results)
+        def apply(chunk):
+            for ids_ in chunk:
+                w.db.run(lambda session: ledger.apply_payments(session, ids_))
+        measure("apply", w.db, counter, apply, sets, args.apply_set, args.profile, results)
+        if pending[full:]:
+            apply([pending[full:]])
         with w.db.transaction() as session:
             left = session.execute(text(
                 "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
@@ -229,6 +243,11 @@ def main() -> None:
         print("reconcile:", "ok" if not problems else problems)
 
     print("SUMMARY " + json.dumps(results))
+    print(f"{'scenario':10} {'py ms/req':>10} {'(min)':>8} {'py ms/p':>8} {'(min)':>8} {'pg ms/p':>8} {'stmts/req':>9}")
+    for r in results:
+        print(f"{r['scenario']:10} {r['py_ms_per_request']:10.3f} {r['py_ms_per_request_min']:8.3f}"
+              f" {r.get('py_ms_per_payment', 0):8.4f} {r.get('py_ms_per_payment_min', 0):8.4f}"
+              f" {r['pg_ms_per_payment']:8.4f} {r['statements_per_request']:9.2f}")
 
 
 if __name__ == "__main__":
