@@ -28,6 +28,7 @@ import os
 import pstats
 import random
 import statistics
+import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -37,6 +38,11 @@ from sqlalchemy import event, text
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "profile-key"
 TICKS = os.sysconf("SC_CLK_TCK")
+# Instruction counts, which the machine's load does not change: run under
+#   valgrind --tool=callgrind --collect-atstart=no --toggle-collect=sys_call_tracing \
+#            --dump-after=sys_call_tracing .venv/bin/python -m bench.profile_paths --callgrind ...
+# and each scenario is one dump (callgrind.out.<pid>.<n>, in scenario order): see bench/callgrind_ab.sh.
+CALLGRIND = "--callgrind" in sys.argv
 
 
 def _backend_cpu(db) -> float:
@@ -84,7 +90,7 @@ def _single_bodies(rng: random.Random, ids: list[int], count: int) -> list[bytes
 def measure(name, db, counter, run, items, per_item, profile, results, rounds=5):
     """Run `run(chunk)` over `items` in `rounds` chunks; report the median and the minimum of the
     per-chunk CPU (the minimum is the least disturbed by other work on the machine)."""
-    size = max(1, len(items) // rounds)
+    size = len(items) if CALLGRIND else max(1, len(items) // rounds)
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
     prof = cProfile.Profile() if profile == name else None
     py, pg, statements, wall = [], [], 0, 0.0
@@ -93,7 +99,10 @@ def measure(name, db, counter, run, items, per_item, profile, results, rounds=5)
         pg0, cpu0, wall0 = _backend_cpu(db), time.process_time(), time.perf_counter()
         if prof:
             prof.enable()
-        run(chunk)
+        if CALLGRIND:
+            sys.call_tracing(run, (chunk,))  # valgrind --toggle-collect=sys_call_tracing
+        else:
+            run(chunk)
         if prof:
             prof.disable()
         cpu, took = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -131,13 +140,15 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="scenario to run under cProfile")
     ap.add_argument("--only", default="", help="comma-separated scenarios")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--database", default="wallet_profile", help="made afresh on each run")
+    ap.add_argument("--callgrind", action="store_true", help="one round per scenario (see CALLGRIND)")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
 
     from scripts import services as svc
     from common.settings import Settings, hash_api_key, sqlalchemy_url
     services = svc.ensure_services(ROOT / "var" / "profile")
-    url = svc.create_database(services.database_url, "wallet_profile", drop_first=True)
+    url = svc.create_database(services.database_url, args.database, drop_first=True)
     svc.migrate(url)
     settings = Settings(database_url=sqlalchemy_url(url), broker_url=services.redis_url,
                         api_key_hashes=frozenset({hash_api_key(API_KEY)}), max_pending=0,
@@ -166,6 +177,9 @@ def main() -> None:
         assert client.post("/payments/batch", data=body, headers=headers).status_code == 202
     for body in _single_bodies(rng, ids, 20):
         assert client.post("/payments", data=body, headers=headers).status_code == 202
+
+    import gc
+    gc.freeze()  # as gunicorn.conf.py's post_worker_init and the worker's process init do
 
     def want(name):
         return not only or name in only
