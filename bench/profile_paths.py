@@ -148,6 +148,19 @@ def main() -> None:
     from scripts import services as svc
     from common.settings import Settings, hash_api_key, sqlalchemy_url
     services = svc.ensure_services(ROOT / "var" / "profile")
+    try:
+        _run(args, only, services)
+    finally:  # the embedded PostgreSQL stays up for the next run; a Redis is started per run
+        if services.embedded_redis_pidfile and services.embedded_redis_pidfile.exists():
+            try:
+                os.kill(int(services.embedded_redis_pidfile.read_text().strip()), 15)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def _run(args, only, services) -> None:
+    from scripts import services as svc
+    from common.settings import Settings, hash_api_key, sqlalchemy_url
     url = svc.create_database(services.database_url, args.database, drop_first=True)
     svc.migrate(url)
     settings = Settings(database_url=sqlalchemy_url(url), broker_url=services.redis_url,
