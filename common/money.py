@@ -34,6 +34,10 @@ class AmountError(ValueError):
 
 def parse_amount(raw: object, scale: int, *, allow_zero: bool = False) -> Decimal:
     """Parse a JSON-decoded amount (str, int or Decimal from `parse_float=Decimal`) exactly."""
+    if type(raw) is str:
+        fast = _parse_plain_string(raw, scale)
+        if fast is not None:
+            return fast
     value = _to_decimal(raw)
     if not value.is_finite():
         raise AmountError("not_finite", "amount must be a finite number")
@@ -50,6 +54,24 @@ def parse_amount(raw: object, scale: int, *, allow_zero: bool = False) -> Decima
         raise AmountError("too_many_decimals", f"amount has more than {scale} decimal places")
     # Canonical and exact: no sign on zero, no exponent, no trailing zeros.
     return Decimal(format_amount(value))
+
+
+def _parse_plain_string(raw: str, scale: int) -> Decimal | None:
+    """The common case, read from the text alone: a well-formed positive string amount within the
+    bounds and the scale. None for anything else, which the general path then refuses (or, for
+    zero, accepts) with its own reason; the result is the one the general path would return.
+    Every batch item's amount is parsed here, refused (429) batches included: the general path
+    (Decimal, as_tuple twice, normalize) cost ~10 us per amount."""
+    if len(raw) > MAX_STRING_LENGTH:
+        return None
+    match = _AMOUNT_STRING.fullmatch(raw)
+    if match is None:
+        return None
+    whole, fraction = match.groups()
+    fraction = fraction[1:].rstrip("0") if fraction else ""
+    if len(fraction) > scale or len(whole) > MAX_INTEGER_DIGITS or (whole == "0" and not fraction):
+        return None  # too many decimals, too large, or zero
+    return Decimal(f"{whole}.{fraction}" if fraction else whole)
 
 
 def _to_decimal(raw: object) -> Decimal:
@@ -82,4 +104,5 @@ def format_amount(value: Decimal) -> str:
     """The canonical text of an amount: no exponent, no trailing zeros ("499.9", "1000", "0")."""
     if not value:
         return "0"
-    return format(abs(value).normalize(MONEY_CONTEXT).copy_sign(value), "f")
+    # copy_abs, not abs(): abs() rounds to the current context (28 digits by default), silently.
+    return format(value.copy_abs().normalize(MONEY_CONTEXT).copy_sign(value), "f")

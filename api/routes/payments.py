@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, request
+from pydantic import TypeAdapter, ValidationError
 
 from api import render
 from api.parsing import encode_cursor, int_arg, page_args, parse_body, parse_optional_body, validate
@@ -150,14 +151,23 @@ def create_batch():
             202, {"Location": f"/batches/{batch_id}"})
 
 
+# All the items in one call into pydantic-core (one call per item cost ~1 us more each, on every
+# batch, refused ones included). Only when some item is invalid are they validated one by one,
+# so that each bad one gets exactly the error it would get as a POST /payments body.
+_ITEMS = TypeAdapter(list[PaymentCreate])
+
+
 def _batch_requests(items: list[dict]) -> list[ledger.PaymentRequest]:
     """Validate every item; if any is bad, answer 422 listing each bad one with its index."""
-    parsed, problems = [], []
-    for index, item in enumerate(items):
-        try:
-            parsed.append((index, _request(validate(PaymentCreate, item))))
-        except WalletError as exc:
-            problems.append((index, exc))
+    try:
+        parsed, problems = list(enumerate(map(_request, _ITEMS.validate_python(items)))), []
+    except ValidationError:
+        parsed, problems = [], []
+        for index, item in enumerate(items):
+            try:
+                parsed.append((index, _request(validate(PaymentCreate, item))))
+            except WalletError as exc:
+                problems.append((index, exc))
     reqs = [req for _, req in parsed]
     w = wallet()
     if problems or ledger.check_payments(w.currencies, reqs)[1]:

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from common import money
+from common import money, pgarray
 from common.db import Database, Prepared
 from common.errors import CurrencyMismatch, SameAccount, UnknownAccount, UnknownCurrency, ValidationFailed, WalletError
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, parse_amount
@@ -97,7 +97,7 @@ def accept_payment(db: Database, currencies: Currencies, req: PaymentRequest,
     # The special case of the unit of work: one statement, alone (common.db).
     rows = db.unit_of_work(_INSERT_PAYMENTS_ALONE, _insert_params([req], amounts, None))
     if rows:
-        return rows[0], True
+        return _accepted_rows([req], amounts, None, rows)[0], True
     with db.read() as session:  # refused: read the accounts to say why
         raise _refused(session, currencies, [req])
 
@@ -127,6 +127,40 @@ def payment_rows(session: Session, ids: list[int]) -> list[Mapping[str, Any]]:
     ), {"ids": ids}).mappings())
 
 
+# What the INSERT returns; the rest of each row is the request's or a column default, filled in
+# by `_accepted_rows` (decoding 18 columns of 100 rows was ~0.4 ms of a batch's CPU).
+_INSERTED_COLUMNS = "id, buyer_account_id, seller_account_id, currency_id, created_at, authorization_expires_at"
+
+
+def _accepted_rows(reqs: Sequence[PaymentRequest], amounts: Sequence[Decimal], batch_id: int | None,
+                   inserted: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows just inserted, as `SELECT PAYMENT_COLUMNS` would read them, in request order.
+
+    INSERT ... SELECT ... ORDER BY r.n takes ids in request order (RETURNING's order is not
+    promised, so the rows are sorted by id); the accounts are checked to pair each row with its
+    request.
+    """
+    rows = []
+    for req, amount, got in zip(reqs, amounts, sorted(inserted, key=lambda row: row["id"])):
+        if (got["buyer_account_id"], got["seller_account_id"]) != (req.buyer_account_id, req.seller_account_id):
+            raise AssertionError("inserted payments are not in request order")
+        rows.append({
+            "id": got["id"], "status": "pending", "buyer_account_id": req.buyer_account_id,
+            "seller_account_id": req.seller_account_id, "amount": amount,
+            "currency_id": got["currency_id"], "failure_code": None, "batch_id": batch_id,
+            "created_at": got["created_at"], "completed_at": None,
+            "capture_method": req.capture_method, "amount_captured": None,
+            "amount_refunded": _ZERO, "refund_of": req.refund_of,
+            "authorization_expires_at": got["authorization_expires_at"],
+            "cancellation_reason": None, "reference": req.reference,
+            "metadata": dict(req.metadata) if req.metadata else {},
+        })
+    return rows
+
+
+_ZERO = Decimal(0)
+
+
 # The accounts are read by primary key into a small materialized set first: joined directly, the
 # planner may reach the seller through the currency index (s.currency_id = b.currency_id makes it
 # an equivalence) and scan every account of the currency for each payment.
@@ -152,7 +186,7 @@ _INSERT_PAYMENTS_SQL = (
     "   AND (r.currency_id IS NULL OR r.currency_id = b.currency_id)"
     "   AND scale(r.amount) <= b.scale"
     " ORDER BY r.n"
-    f" RETURNING {PAYMENT_COLUMNS}"
+    f" RETURNING {_INSERTED_COLUMNS}"
 )
 _INSERT_PAYMENTS = text(_INSERT_PAYMENTS_SQL)
 _INSERT_PAYMENTS_ALONE = Prepared("wallet_insert_payments", _INSERT_PAYMENTS_SQL)
@@ -160,17 +194,18 @@ _INSERT_PAYMENTS_ALONE = Prepared("wallet_insert_payments", _INSERT_PAYMENTS_SQL
 
 def _insert_params(reqs: Sequence[PaymentRequest], amounts: Sequence[Decimal],
                    batch_id: int | None) -> dict[str, Any]:
+    # Array literals (common.pgarray): a batch of 100 is ~1,000 values.
     return {
         "batch_id": batch_id,
-        "buyers": [r.buyer_account_id for r in reqs],
-        "sellers": [r.seller_account_id for r in reqs],
-        "amounts": amounts,
-        "currencies": [r.currency_id for r in reqs],
-        "methods": [r.capture_method for r in reqs],
-        "expires": [r.expires_in_seconds for r in reqs],
-        "refs": [r.reference for r in reqs],
-        "metas": [json.dumps(dict(r.metadata)) if r.metadata else None for r in reqs],
-        "refund_of": [r.refund_of for r in reqs],
+        "buyers": pgarray.integers([r.buyer_account_id for r in reqs]),
+        "sellers": pgarray.integers([r.seller_account_id for r in reqs]),
+        "amounts": pgarray.numerics(amounts),
+        "currencies": pgarray.integers([r.currency_id for r in reqs]),
+        "methods": pgarray.texts([r.capture_method for r in reqs]),
+        "expires": pgarray.integers([r.expires_in_seconds for r in reqs]),
+        "refs": pgarray.texts([r.reference for r in reqs]),
+        "metas": pgarray.texts([json.dumps(dict(r.metadata)) if r.metadata else None for r in reqs]),
+        "refund_of": pgarray.integers([r.refund_of for r in reqs]),
     }
 
 
@@ -187,9 +222,7 @@ def submit_payments(session: Session, currencies: Currencies, reqs: Sequence[Pay
         rows = session.execute(_INSERT_PAYMENTS, _insert_params(reqs, amounts, batch_id)
                                ).mappings().all()
         if len(rows) == len(reqs):
-            # INSERT ... SELECT ... ORDER BY takes ids in request order; RETURNING's order is not
-            # promised, so sort by id.
-            return sorted(rows, key=lambda row: row["id"])
+            return _accepted_rows(reqs, amounts, batch_id, rows)
     # Raising rolls back the caller's transaction, with any rows the INSERT did write.
     raise _refused(session, currencies, reqs)
 

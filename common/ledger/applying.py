@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from common import money
+from common import money, pgarray
 from common.errors import FailureCode
 from common.ledger.entries import INSERT_ENTRIES, entry_params
 from common.ledger.events import APPLY_EVENTS, record_batch_finished
@@ -51,7 +51,7 @@ _LOCK_PENDING = (
 
 
 _LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
-    "p.id = ANY(:ids) AND (p.batch_id IS NULL"
+    "p.id = ANY(CAST(:ids AS bigint[])) AND (p.batch_id IS NULL"
     " OR NOT (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id))")))
 _LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id"))
 
@@ -65,7 +65,7 @@ def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome
     # SKIP LOCKED: a payment locked right now is being applied by another transaction (a
     # redelivered or re-swept copy of its message); waiting for it would only find it terminal.
     # Should that transaction roll back instead, the payment is still pending and is swept again.
-    payments = session.execute(_LOCK_SINGLES, {"ids": list(payment_ids)}).all()
+    payments = session.execute(_LOCK_SINGLES, {"ids": pgarray.integers(payment_ids)}).all()
     return _apply(session, payments, atomic=False)
 
 
@@ -86,9 +86,9 @@ class _Accounts:
     @classmethod
     def lock(cls, session: Session, account_ids: Sequence[int]) -> "_Accounts":
         rows = {row.id: row for row in session.execute(text(
-            "SELECT id, balance, held, status FROM accounts WHERE id = ANY(:ids)"
+            "SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
             " ORDER BY id FOR NO KEY UPDATE"
-        ), {"ids": sorted(account_ids)})}
+        ), {"ids": pgarray.integers(sorted(account_ids))})}
         return cls(rows, {i: r.balance for i, r in rows.items()}, {i: r.held for i, r in rows.items()})
 
     def available(self, account_id: int) -> Decimal:
@@ -157,6 +157,8 @@ _REFUNDS = (
 )
 _WRITE_PLAIN = text(_WRITE.format(refunds=""))
 _WRITE_WITH_REFUNDS = text(_WRITE.format(refunds=_REFUNDS))
+# Its lists leave as array literals (common.pgarray): ~6 values per payment, 500 payments a set.
+_WRITE_ARRAYS = pgarray.ArrayParams(_WRITE_WITH_REFUNDS.text)
 
 
 def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], entries: Sequence[tuple],
@@ -166,10 +168,10 @@ def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], en
               "ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
               "codes": [o.failure_code and str(o.failure_code) for o in outcomes]}
     if refunded:
-        result = session.execute(_WRITE_WITH_REFUNDS, {**params, "originals": list(refunded),
-                                                       "refunded": list(refunded.values())})
+        result = session.execute(_WRITE_WITH_REFUNDS, _WRITE_ARRAYS({
+            **params, "originals": list(refunded), "refunded": list(refunded.values())}))
     else:
-        result = session.execute(_WRITE_PLAIN, params)
+        result = session.execute(_WRITE_PLAIN, _WRITE_ARRAYS(params))
     record_batch_finished(session, result.scalars().all())
 
 

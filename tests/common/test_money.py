@@ -61,3 +61,29 @@ def test_scale_is_enforced(units, scale):
     if value.normalize().as_tuple().exponent < -2:
         with pytest.raises(AmountError):
             parse_amount(format_amount(value), 2)
+
+
+@pytest.mark.parametrize("raw", [
+    "12345678901.123456789012345678",          # 29 significant digits (ETH has scale 18)
+    "999999999999999999.999999999999999999",   # 36
+    Decimal("12345678901.123456789012345678"),
+])
+def test_many_digits_stay_exact(raw):
+    # abs() in the default context (28 digits) once rounded these silently.
+    assert format_amount(parse_amount(raw, 18)) == str(raw)
+    assert parse_amount(raw, 18) == Decimal(str(raw))
+
+
+@given(st.from_regex(r"(0|[1-9][0-9]{0,19})(\.[0-9]{0,20})?", fullmatch=True),
+       st.integers(min_value=0, max_value=18), st.booleans())
+def test_string_fast_path_agrees_with_the_general_path(raw, scale, allow_zero):
+    # parse_amount reads a plain string without building Decimals first; Decimal input takes
+    # the general path. Both must agree, value, representation and refusal reason alike.
+    def outcome(value):
+        try:
+            parsed = parse_amount(value, scale, allow_zero=allow_zero)
+            return "ok", parsed.as_tuple()
+        except AmountError as exc:
+            return "refused", exc.reason
+    general = outcome(Decimal(raw)) if not raw.endswith(".") else ("refused", "malformed")
+    assert outcome(raw) == general
