@@ -1,5 +1,5 @@
-"""What one API process holds: settings, the database pool, the currencies, admission control
-and the dispatcher."""
+"""What one API process holds: settings, the database pool, the currencies, the account
+directory, admission control and the dispatcher."""
 from __future__ import annotations
 
 
@@ -7,7 +7,7 @@ from flask import current_app
 
 from common.admission import Admission
 from common.db import Database
-from common.ledger import Currencies
+from common.ledger import AccountDirectory, Currencies
 from common.messaging import Dispatcher, Sender, make_celery
 from common.settings import Settings
 
@@ -22,6 +22,7 @@ class Wallet:
         self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms,
                                      max_held=settings.dispatch_max_held)
         self._currencies: Currencies | None = None
+        self.accounts = AccountDirectory()  # explains refusals without reading known accounts
 
     @property
     def currencies(self) -> Currencies:

@@ -174,7 +174,7 @@ def _batch_requests(items: list[dict]) -> list[ledger.PaymentRequest]:
         # The well-formed items are checked against the accounts too, so that the client sees
         # every bad index at once.
         with w.db.read() as session:
-            found = ledger.payment_problems(session, w.currencies, reqs)
+            found = ledger.payment_problems(session, w.currencies, reqs, w.accounts)
         problems = sorted(problems + [(parsed[i][0], exc) for i, exc in found], key=lambda p: p[0])
         raise ledger.batch_refused(problems, len(items))
     return reqs

@@ -8,6 +8,7 @@ nothing else writes balances.
 - idempotency: at most one resource per Idempotency-Key
 - accounts: opening and freezing accounts
 - accepting: validating and recording payments as `pending`
+- directory: what never changes about an account (its currency), remembered per process
 - applying: the worker's side, moving money or holding it (locking discipline in its docstring)
 - holds: capturing, canceling and expiring authorized payments
 - refunds: refunds as payments of their own, never more than was captured
@@ -23,6 +24,7 @@ from common.ledger.accepting import (
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
 from common.ledger.applying import Outcome, apply_as_one_set, apply_atomic_batch, apply_payments
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, Currency, parse_amount
+from common.ledger.directory import AccountDirectory
 from common.ledger.events import record_batch_finished, record_payment_events
 from common.ledger.holds import cancel_payment, capture_payment, expire_authorizations
 from common.ledger.idempotency import IdempotencyKey, idempotent, replayed
@@ -31,7 +33,7 @@ from common.ledger.reconciling import reconcile
 from common.ledger.refunds import refund_payment
 
 __all__ = [
-    "PAYMENT_COLUMNS", "WIDEST_CURRENCY", "Currencies", "Currency", "IdempotencyKey", "Outcome",
+    "PAYMENT_COLUMNS", "WIDEST_CURRENCY", "AccountDirectory", "Currencies", "Currency", "IdempotencyKey", "Outcome",
     "PaymentRequest", "accept_payment", "apply_as_one_set", "apply_atomic_batch", "apply_payments",
     "batch_refused", "cancel_payment", "capture_payment", "check_payment", "check_payments",
     "create_account", "expire_authorizations", "fail_payments", "idempotent", "issuance_account_id",

@@ -17,6 +17,7 @@ from common import money, pgarray
 from common.db import Database, Prepared
 from common.errors import CurrencyMismatch, SameAccount, UnknownAccount, UnknownCurrency, ValidationFailed, WalletError
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, parse_amount
+from common.ledger.directory import AccountDirectory
 from common.ledger.idempotency import IdempotencyKey, idempotent
 
 CAPTURE_METHODS = ("automatic", "manual")
@@ -258,20 +259,20 @@ def check_payments(currencies: Currencies, reqs: Sequence[PaymentRequest]
     return amounts, problems
 
 
-def payment_problems(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest]
-                     ) -> list[tuple[int, WalletError]]:
-    """Every refused request with its reason, in index order (the error path of a batch)."""
+def payment_problems(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
+                     directory: AccountDirectory | None = None) -> list[tuple[int, WalletError]]:
+    """Every refused request with its reason, in index order (the error path of a batch).
+    `directory`: the process's memory of the accounts, so that known ones are not read again."""
     amounts, problems = check_payments(currencies, reqs)
-    return sorted(problems + _diagnose(session, currencies, reqs, amounts), key=lambda p: p[0])
+    found = (directory or AccountDirectory()).currency_ids(
+        session, (i for r in reqs for i in (r.buyer_account_id, r.seller_account_id)))
+    return sorted(problems + _diagnose(found, currencies, reqs, amounts), key=lambda p: p[0])
 
 
-def _diagnose(session: Session, currencies: Currencies, reqs: Sequence[PaymentRequest],
+def _diagnose(found: Mapping[int, int], currencies: Currencies, reqs: Sequence[PaymentRequest],
               amounts: Sequence[Decimal]) -> list[tuple[int, WalletError]]:
-    """Only on the error path: which requests the single INSERT refused, and why."""
-    ids = sorted({i for r in reqs for i in (r.buyer_account_id, r.seller_account_id)})
-    found = {row.id: row.currency_id for row in session.execute(text(
-        "SELECT id, currency_id FROM accounts WHERE id = ANY(:ids) AND kind = 'customer'"
-    ), {"ids": ids})}
+    """Only on the error path: which requests the single INSERT refused (or would), and why.
+    found: account id -> currency id of the customer accounts among theirs."""
     problems = []
     for index, (req, amount) in enumerate(zip(reqs, amounts)):
         if amount is None:
@@ -294,4 +295,8 @@ def _check_against_accounts(req: PaymentRequest, amount: Decimal, found: Mapping
         raise CurrencyMismatch("buyer and seller accounts hold different currencies")
     if req.currency_id is not None and req.currency_id != currency_id:
         raise CurrencyMismatch("currency_id differs from the accounts' currency")
-    parse_amount(amount, currencies.by_id[currency_id])  # InvalidAmount when past the scale
+    currency = currencies.by_id[currency_id]
+    # `amount` is canonical (check_payment): its exponent is its number of decimal places. Only
+    # one past the scale is parsed again, for its InvalidAmount.
+    if -amount.as_tuple().exponent > currency.scale:
+        parse_amount(amount, currency)

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from tests.api.conftest import assert_error, row_counts
 from api import create_app
@@ -305,4 +305,32 @@ def test_backlog_full_still_answers_replays_and_bad_requests(fresh_database_url,
     with wallet.db.read() as s:
         assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 3
         assert s.execute(text("SELECT count(*) FROM idempotency_keys")).scalar_one() == 2
+    wallet.db.dispose()
+
+
+def test_refusals_read_no_account_twice(fresh_database_url, broker_url):
+    """Under overload a client retries refused batches; explaining each refusal (422 before 429)
+    reads the accounts only the first time this process sees them (common.ledger.directory)."""
+    app = create_app(make_settings(fresh_database_url, broker_url, max_pending=1))
+    client = app.test_client()
+    a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
+    b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()
+    one = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
+    wallet = app.extensions["wallet"]
+    wallet.admission._refresh_s = 0
+    assert client.post("/payments", json=one, headers=AUTH).status_code == 202  # fills the backlog
+    statements = []
+    event.listen(wallet.db.engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, *args: statements.append(sql))
+    reads_accounts = lambda: [s for s in statements if "FROM accounts" in s]  # noqa: E731
+    assert_error(client.post("/payments/batch", json={"payments": [one, one]}, headers=AUTH), 429, "backlog_full")
+    assert len(reads_accounts()) == 1
+    for path, body in (("/payments/batch", {"payments": [one, one]}), ("/payments", one)):
+        assert_error(client.post(path, json=body, headers=AUTH), 429, "backlog_full")
+    assert len(reads_accounts()) == 1
+    # An account it has not seen is read, and an unknown one still gets its 422.
+    unknown = {**one, "seller_account_id": 987654321}
+    assert_error(client.post("/payments", json=unknown, headers=AUTH), 422, "unknown_account")
+    assert_error(client.post("/payments", json=unknown, headers=AUTH), 422, "unknown_account")
+    assert len(reads_accounts()) == 3
     wallet.db.dispose()
