@@ -72,6 +72,7 @@ async def _drive(urls: list[str], bodies: list[bytes], payments_per_request: int
     async def one_client(url: str, index: int) -> None:
         perf = time.perf_counter
         sent = 0
+        body = None  # a refused (429) body is sent again, as a client does
         while True:
             if rate:  # paced: request k of this client is due at (index + k * concurrency) / rate
                 start = t0 + (index + sent * concurrency) / rate
@@ -87,8 +88,9 @@ async def _drive(urls: list[str], bodies: list[bytes], payments_per_request: int
                 start = perf()
                 if start >= stop_at:
                     return
+            body = body or next_body()
             try:
-                async with session.post(url, data=next_body(), headers=headers) as response:
+                async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
                     status = response.status
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -97,6 +99,8 @@ async def _drive(urls: list[str], bodies: list[bytes], payments_per_request: int
             records.append((start - t0, perf() - start, status, payments_per_request))
             if status == 429:  # admission control: back off, as wrk_payments.lua does
                 await asyncio.sleep(BACKOFF_S)
+            else:
+                body = None
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      skip_auto_headers=("User-Agent",)) as session:

@@ -25,15 +25,25 @@ end
 
 -- The API answers 429 while too many payments are pending (admission control): count those
 -- apart from failures, and back off as a client should before the next request (BACKOFF_MS
--- rather than Retry-After's whole second, to keep the workers fed).
+-- rather than Retry-After's whole second, to keep the workers fed). A refused request is sent
+-- again, the same body, as a client does (its payments are still to be made): each request
+-- carries an X-Request-ID, which the API echoes, so the answer names the body it refused
+-- (one wrk thread serves many connections, and response() is not told which).
 throttled = 0
 local backoffs = 0
 local BACKOFF_MS = 100
+local sent = 0
+local in_flight = {}  -- request id -> body
+local refused = {}    -- bodies to send again, oldest first
 
 function response(status, headers, body)
+  local id = headers["X-Request-ID"]
+  local sent_body = id and in_flight[id]
+  if id then in_flight[id] = nil end
   if status == 429 then
     throttled = throttled + 1
     backoffs = backoffs + 1
+    if sent_body then table.insert(refused, sent_body) end
   end
 end
 
@@ -53,16 +63,23 @@ local function item(use_hot)
                        buyer, seller, math.random(1, 99))
 end
 
-function request()
-  local body
+local function new_body()
   if batch > 0 then
     local items = {}
     for i = 1, batch do items[i] = item(false) end
-    body = '{"atomic":false,"payments":[' .. table.concat(items, ",") .. ']}'
-  else
-    body = item(true)
+    return '{"atomic":false,"payments":[' .. table.concat(items, ",") .. ']}'
   end
-  return wrk.format(nil, nil, nil, body)
+  return item(true)
+end
+
+function request()
+  local body = table.remove(refused, 1) or new_body()
+  sent = sent + 1
+  local id = "wrk-" .. thread_id .. "-" .. sent
+  in_flight[id] = body
+  local headers = {["X-Request-ID"] = id}  -- wrk.format takes these instead of wrk.headers
+  for name, value in pairs(wrk.headers) do headers[name] = value end
+  return wrk.format(nil, nil, headers, body)
 end
 
 function done(summary, latency, requests)

@@ -38,6 +38,13 @@ class Admission:
         empty backlog admits anything (a batch larger than the bound is slow, never refused)."""
         if not self.max_pending:
             return
+        self.check(count)
+        self._pending += count  # racy by design: a soft bound, corrected at the next read
+
+    def check(self, count: int) -> None:
+        """`admit` without counting the payments in: raises Overloaded, or returns."""
+        if not self.max_pending:
+            return
         pending = self._current(self._refresh_s)
         if pending and pending + count > self.max_pending:
             pending = self._current(self._recheck_s)
@@ -45,7 +52,6 @@ class Admission:
             raise Overloaded(
                 f"{pending} payments are waiting to be applied (limit {self.max_pending}); retry shortly",
                 {"pending": pending, "max_pending": self.max_pending})
-        self._pending += count  # racy by design: a soft bound, corrected at the next read
 
     def _current(self, max_age_s: float) -> int:
         if time.monotonic() - self._read_at >= max_age_s and self._reading.acquire(blocking=False):

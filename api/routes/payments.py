@@ -8,7 +8,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from api import render
 from api.parsing import encode_cursor, int_arg, page_args, parse_body, parse_optional_body, validate
-from api.routes.backpressure import admit_new_work, batch_replay
+from api.routes.backpressure import admit_new_work, batch_replay, refuse_again_at_once
 from api.routes.idempotency import idempotency_key
 from api.schemas import MAX_ID, STATUSES, BatchCreate, CancelCreate, CaptureCreate, PaymentCreate, RefundCreate
 from api.wallet import wallet
@@ -27,6 +27,7 @@ def _request(body: PaymentCreate) -> ledger.PaymentRequest:
 
 @bp.post("/payments")
 def create_payment():
+    refuse_again_at_once("payment")
     req = _request(parse_body(PaymentCreate))
     w = wallet()
     key = idempotency_key("payment", lambda: req.canonical(ledger.check_payment(w.currencies, req)))
@@ -129,6 +130,7 @@ def _refund_replay_when_full(key: ledger.IdempotencyKey | None):
 
 @bp.post("/payments/batch")
 def create_batch():
+    refuse_again_at_once("batch")
     body = parse_body(BatchCreate)
     w = wallet()
     if len(body.payments) > w.settings.max_batch_items:

@@ -237,16 +237,23 @@ def test_concurrent_first_requests_with_one_key(api_url, db):
                          {"a": a["id"]}).scalar_one() == 1
 
 
-def test_backlog_full_answers_429_and_records_nothing(fresh_database_url, broker_url):
-    app = create_app(make_settings(fresh_database_url, broker_url, max_pending=1))
+def _overload_app(database_url, broker_url, *, fill=True):
+    """An app whose backlog holds one payment (max_pending 1, no worker on this database, the
+    count re-read on every request), full once `fill` has sent its first payment:
+    (client, its wallet, a payment body between two funded accounts)."""
+    app = create_app(make_settings(database_url, broker_url, max_pending=1))
     client = app.test_client()
     a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
     b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()
     one = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
     wallet = app.extensions["wallet"]
-    wallet.admission._refresh_s = 0  # read the backlog on every request
-    # No worker runs on this database: the first payment stays pending and fills the backlog.
-    assert client.post("/payments", json=one, headers=AUTH).status_code == 202
+    wallet.admission._refresh_s = 0
+    if fill:
+        assert client.post("/payments", json=one, headers=AUTH).status_code == 202
+    return client, wallet, one
+
+def test_backlog_full_answers_429_and_records_nothing(fresh_database_url, broker_url):
+    client, wallet, one = _overload_app(fresh_database_url, broker_url)
     for path, body in (("/payments", one), ("/payments/batch", {"payments": [one, one]})):
         response = client.post(path, json=body, headers=AUTH)
         error = assert_error(response, 429, "backlog_full")
@@ -261,13 +268,7 @@ def test_backlog_full_still_answers_replays_and_bad_requests(fresh_database_url,
     """Admission control refuses new work only: a retry of an accepted payment or batch (same
     Idempotency-Key and body) gets its original answer, a key reused with another body its 409,
     and an invalid request its 422, even while new payments answer 429."""
-    app = create_app(make_settings(fresh_database_url, broker_url, max_pending=1))
-    client = app.test_client()
-    a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
-    b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()
-    one = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
-    wallet = app.extensions["wallet"]
-    wallet.admission._refresh_s = 0
+    client, wallet, one = _overload_app(fresh_database_url, broker_url, fill=False)
     # No worker on this database: what is accepted stays pending. The batch fits (empty backlog).
     batch = client.post("/payments/batch", json={"payments": [one, one]},
                         headers={**AUTH, "Idempotency-Key": "batch-1"})
@@ -311,14 +312,7 @@ def test_backlog_full_still_answers_replays_and_bad_requests(fresh_database_url,
 def test_refusals_read_no_account_twice(fresh_database_url, broker_url):
     """Under overload a client retries refused batches; explaining each refusal (422 before 429)
     reads the accounts only the first time this process sees them (common.ledger.directory)."""
-    app = create_app(make_settings(fresh_database_url, broker_url, max_pending=1))
-    client = app.test_client()
-    a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
-    b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()
-    one = {"buyer_account_id": a["id"], "seller_account_id": b["id"], "amount": "1"}
-    wallet = app.extensions["wallet"]
-    wallet.admission._refresh_s = 0
-    assert client.post("/payments", json=one, headers=AUTH).status_code == 202  # fills the backlog
+    client, wallet, one = _overload_app(fresh_database_url, broker_url)
     statements = []
     event.listen(wallet.db.engine, "before_cursor_execute",
                  lambda conn, cursor, sql, *args: statements.append(sql))
@@ -333,4 +327,32 @@ def test_refusals_read_no_account_twice(fresh_database_url, broker_url):
     assert_error(client.post("/payments", json=unknown, headers=AUTH), 422, "unknown_account")
     assert_error(client.post("/payments", json=unknown, headers=AUTH), 422, "unknown_account")
     assert len(reads_accounts()) == 3
+    wallet.db.dispose()
+
+
+def test_a_refused_body_sent_again_is_refused_before_it_is_parsed(fresh_database_url, broker_url, monkeypatch):
+    """A client refused sends the same request again: a body this process validated in full and
+    refused gets its 429 again without being parsed, while the backlog is full; once there is
+    room it is accepted like any other. Requests with an Idempotency-Key always take the full path."""
+    import api.routes.payments as routes
+    client, wallet, one = _overload_app(fresh_database_url, broker_url)
+    parsed = []
+    real_parse_body = routes.parse_body
+    monkeypatch.setattr(routes, "parse_body", lambda model: parsed.append(model) or real_parse_body(model))
+    batch = {"payments": [one, one]}
+    for path, body in (("/payments/batch", batch), ("/payments", one)):
+        assert_error(client.post(path, json=body, headers=AUTH), 429, "backlog_full")
+        assert len(parsed) == 1
+        assert_error(client.post(path, json=body, headers=AUTH), 429, "backlog_full")
+        assert len(parsed) == 1  # refused again at once
+        parsed.clear()
+    assert_error(client.post("/payments/batch", json={"payments": [one]}, headers=AUTH), 429, "backlog_full")
+    assert len(parsed) == 1  # another body: validated in full
+    assert_error(client.post("/payments/batch", json=batch, headers={**AUTH, "Idempotency-Key": "k-1"}),
+                 429, "backlog_full")
+    assert len(parsed) == 2
+    wallet.admission.max_pending = 0  # room again
+    assert client.post("/payments/batch", json=batch, headers=AUTH).status_code == 202
+    with wallet.db.read() as s:
+        assert s.execute(text("SELECT count(*) FROM payments")).scalar_one() == 3
     wallet.db.dispose()
