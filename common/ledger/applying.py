@@ -132,20 +132,23 @@ def _apply(session: Session, payments: Sequence[Any], *, atomic: bool) -> list[O
 
 
 # One round trip for all the writes: balances and holds, entries, payment statuses, and their
-# events (common.ledger.events), which answers the ids of the batches it finished.
+# events (common.ledger.events), which answers the ids of the batches it finished. Each UPDATE
+# names its ids twice: joined to unnest() alone, the planner cannot tell how few rows match and
+# seq-scans a small table into a hash join (10,000 accounts, 82 of them changed: 0.9-1.3 ms
+# against 0.35-0.5 ms by the primary key, EXPLAIN ANALYZE); `id = ANY(...)` gives it the count.
 _WRITE = (
     "WITH balances AS ("
     "  UPDATE accounts a SET balance = v.balance, held = v.held, updated_at = now()"
     "  FROM unnest(CAST(:account_ids AS bigint[]), CAST(:balances AS numeric[]),"
     "              CAST(:helds AS numeric[])) AS v(id, balance, held)"
-    "  WHERE a.id = v.id RETURNING 1),"
+    "  WHERE a.id = v.id AND a.id = ANY(CAST(:account_ids AS bigint[])) RETURNING 1),"
     f" entries AS ({INSERT_ENTRIES} RETURNING 1){{refunds}},"
     " paid AS (UPDATE payments p SET status = v.status, failure_code = v.code,"
     "   completed_at = CASE WHEN v.status = 'authorized' THEN NULL ELSE now() END,"
     "   amount_captured = CASE WHEN v.status = 'completed' THEN p.amount END"
     " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:codes AS text[]))"
     "      AS v(id, status, code)"
-    " WHERE p.id = v.id RETURNING p.*)" + APPLY_EVENTS.replace("{", "{{").replace("}", "}}")
+    " WHERE p.id = v.id AND p.id = ANY(CAST(:ids AS bigint[])) RETURNING p.*)" + APPLY_EVENTS.replace("{", "{{").replace("}", "}}")
 )
 # Only when refunds completed: the originals' amount_refunded grows (they are completed, so never
 # among the pending payments this statement updates).
