@@ -56,6 +56,16 @@ _LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
 _LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id"))
 
 
+# Every statement of an apply transaction reaches its rows by primary key (or the batch index):
+# from a few rows to a few thousand, of tables of any size. Left to its default costs
+# (random_page_cost 4, meant for disks) and to statistics taken while a table was small, the
+# planner seq-scanned `payments` and `accounts` into hash joins instead: tens of milliseconds per
+# transaction, with the accounts locked all the while, so the other workers queued behind it and
+# throughput fell 5-8x (bench/NOTES.md, 2026-12-02). A sequential scan is never the right plan
+# here: it is ruled out for the transaction (SET LOCAL ends with it).
+_NO_SEQSCAN = text("SET LOCAL enable_seqscan = off")
+
+
 def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome]:
     """Apply the still-pending payments among `payment_ids`, each on its own merits, in id order.
 
@@ -65,6 +75,7 @@ def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome
     # SKIP LOCKED: a payment locked right now is being applied by another transaction (a
     # redelivered or re-swept copy of its message); waiting for it would only find it terminal.
     # Should that transaction roll back instead, the payment is still pending and is swept again.
+    session.execute(_NO_SEQSCAN)
     payments = session.execute(_LOCK_SINGLES, {"ids": pgarray.integers(payment_ids)}).all()
     return _apply(session, payments, atomic=False)
 
@@ -72,6 +83,7 @@ def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome
 def apply_atomic_batch(session: Session, batch_id: int) -> list[Outcome]:
     """All payments of an atomic batch complete together, or all fail together."""
     # No SKIP LOCKED here: an atomic batch must see all of its payments, so it waits.
+    session.execute(_NO_SEQSCAN)
     payments = session.execute(_LOCK_BATCH, {"batch_id": batch_id}).all()
     return _apply(session, payments, atomic=True)
 
@@ -194,5 +206,6 @@ def apply_as_one_set(session: Session, payment_ids: Sequence[int]) -> list[Outco
     """Apply the still-pending payments among `payment_ids` as one all-or-nothing set, payments of
     atomic batches included. For diagnosis only (which payment of a transaction that keeps
     failing raises?): the caller rolls the transaction back."""
+    session.execute(_NO_SEQSCAN)
     payments = session.execute(_LOCK_ANY, {"ids": list(payment_ids)}).all()
     return _apply(session, payments, atomic=True)
