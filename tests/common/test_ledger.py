@@ -223,3 +223,22 @@ def test_accept_alone_records_a_pending_payment(db):
     assert (row["buyer_account_id"], row["seller_account_id"], row["currency_id"]) == (a, b, 1)
     with db.read() as s:
         assert s.execute(text("SELECT status FROM payments WHERE id = :id"), {"id": row["id"]}).scalar_one() == "pending"
+
+
+def test_apply_never_scans_a_table_whatever_the_planner_costs(session, currencies):
+    """An apply transaction reaches its rows by key: even with costs that make every index look
+    ruinous (so the planner would seq-scan accounts and payments into hash joins, as it did with
+    statistics taken while the tables were small), it reads no table sequentially."""
+    accounts = [open_(session, currencies, "100", name=f"s{i}") for i in range(6)]
+    payments = [pay(session, currencies, accounts[i], accounts[(i + 1) % 6], "1")["id"] for i in range(6)]
+    session.execute(text("SET LOCAL random_page_cost = 100000"))
+
+    def seq_scans():
+        return dict(session.execute(text(
+            "SELECT relname, seq_scan FROM pg_stat_xact_user_tables"
+            " WHERE relname IN ('accounts', 'payments', 'ledger_entries', 'batches')")).tuples().all())
+
+    before = seq_scans()
+    outcomes = ledger.apply_payments(session, payments)
+    assert [o.status for o in outcomes] == ["completed"] * 6
+    assert seq_scans() == before
