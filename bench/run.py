@@ -12,7 +12,8 @@
    uniform single payments, single payments from one hot buyer, non-atomic batches of 100, all
    at `--clients` concurrent connections sending as fast as they are answered (wrk, else an
    aiohttp client in this process); then 'paced': uniform single payments offered at a fixed
-   `--paced-rate` (aiohttp), the latency a client sees when the system is not saturated.
+   rate (aiohttp), half of what 'uniform' sustained (or `--paced-rate`), the latency a client
+   sees when the system is not saturated.
    'idle' (run first, on the quiet system; bench/idle.py): single payments one at a time, each
    polled until terminal: the time from POST to the poll that sees it (target: median < 50 ms).
 6. reconcile (common.ledger.reconcile) over the whole database.
@@ -50,6 +51,7 @@ from scripts import services as svc
 ROOT = svc.ROOT
 RESULTS = Path(__file__).with_name("results")
 SCENARIOS = ("idle", "uniform", "hot", "batch", "paced")
+FALLBACK_PACED_RATE = 600.0  # 'paced' without a 'uniform' run before it to take half of
 TARGETS_IDLE_MS = 50  # median POST -> a poll that sees it terminal, on an idle system
 TARGETS = {"single_completed_per_s": 1000, "acceptance_p99_ms": 50, "completion_p99_ms": 1000}
 
@@ -63,9 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accounts", type=int, default=10_000)
     p.add_argument("--clients", type=int, default=32, help="concurrent HTTP connections (32)")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--paced-rate", type=float, default=600.0,
+    p.add_argument("--paced-rate", type=float, default=None,
                    help="the 'paced' scenario: uniform single payments offered at this many per"
-                        " second in all (not as fast as answered), for latency below saturation")
+                        " second in all (not as fast as answered), for latency below saturation;"
+                        " default: half the rate 'uniform' sustained earlier in the run (SPEC 7),"
+                        f" or {FALLBACK_PACED_RATE:g}/s when it did not run")
     p.add_argument("--idle-payments", type=int, default=60,
                    help="the 'idle' scenario: payments sent one at a time (60)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
@@ -106,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.reference_duration = args.reference_duration or 2.0
         args.warmup = 0.5 if args.warmup is None else args.warmup
         args.drain_timeout = min(args.drain_timeout, 60.0)
-        args.paced_rate = min(args.paced_rate, 50.0)
+        args.paced_rate = min(args.paced_rate or 50.0, 50.0)
         args.idle_payments = min(args.idle_payments, 5)
     if args.warmup is None:
         args.warmup = max(1.0, 0.15 * args.duration)
@@ -234,7 +238,9 @@ class Bench:
                         f" p90 {result['idle']['completion_seen_ms']['p90']} ms"
                         f" (accept p50 {result['idle']['acceptance_latency_ms']['p50']} ms)")
                     continue
-                result["scenarios"].append(self._scenario(name, engine, urls, account_ids, result["reference"]))
+                rate = self._paced_rate(result["scenarios"]) if name == "paced" else None
+                result["scenarios"].append(self._scenario(name, engine, urls, account_ids, result["reference"],
+                                                          rate))
 
             with Session(engine) as session:
                 problems = reconcile(session)
@@ -330,8 +336,16 @@ class Bench:
             f" {a.workers} worker(s) x{a.worker_concurrency} {a.worker_pool}; logs in {self.log_dir}")
         return [f"http://127.0.0.1:{p.port}" for p in apis]
 
+    def _paced_rate(self, done: list[dict]) -> float:
+        """SPEC 7: acceptance latency "when single payments are offered at half the rate the
+        system sustains", i.e. half of what `uniform` completed per second in this run."""
+        if self.args.paced_rate:
+            return self.args.paced_rate
+        uniform = next((s for s in done if s["name"] == "uniform" and s.get("completed_per_s")), None)
+        return round(uniform["completed_per_s"] / 2, 1) if uniform else FALLBACK_PACED_RATE
+
     def _scenario(self, name: str, engine, urls: list[str], account_ids: list[int],
-                  ref: dict) -> dict:
+                  ref: dict, rate: float | None = None) -> dict:
         a = self.args
         hot = account_ids[0]
         use_wrk = self._use_wrk(urls, account_ids) and name != "paced"  # wrk cannot pace
@@ -347,7 +361,7 @@ class Bench:
             first_id = conn.execute(text("SELECT coalesce(max(id), 0) + 1 FROM payments")).scalar_one()
         log(f"scenario '{name}': {a.clients} clients, {a.duration} s (warm-up {a.warmup} s),"
             f" load generator {'wrk' if use_wrk else 'aiohttp'}"
-            + (f", paced at {a.paced_rate:g}/s" if name == "paced" else ""))
+            + (f", paced at {rate:g}/s" if rate else ""))
         cpu_before, sys_before = self.cpu.snapshot(), psutil.cpu_times()
         if use_wrk:
             client, window_start, window_end, client_cpu, client_wall = wrk.run(
@@ -357,7 +371,7 @@ class Bench:
         else:
             load = loadgen.run_load([u + path for u in urls], bodies, per_request, self.api_key,
                                     a.clients, a.duration,
-                                    rate=a.paced_rate if name == "paced" else None)
+                                    rate=rate)
             client = metrics.client_metrics(load, a.warmup, a.duration)
             window_start, window_end = load.started + a.warmup, load.started + a.duration
             client_cpu, client_wall = load.cpu_s, load.duration_s
@@ -391,6 +405,8 @@ class Bench:
         out = {"name": name, "path": path, "payments_per_request": per_request,
                "loadgen": "wrk" if use_wrk else "aiohttp",
                "window_s": round(window_end - window_start, 3)}
+        if rate:
+            out["offered_per_s"] = rate
         out.update(client)
         with Session(engine) as session:
             out.update(metrics.database_metrics(session, first_id, window_start, window_end))

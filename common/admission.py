@@ -23,8 +23,12 @@ from common.errors import Overloaded
 
 
 class Admission:
+    # recheck_s: while refusing, each process counts again at most this often. At 20 ms the
+    # count (~1,500 index entries and their rows) was 9 % of PostgreSQL's time in the batch
+    # scenario (pg_stat_statements, bench/NOTES.md 2026-12-02); the backlog at the bound is
+    # ~0.3 s of the workers' work, so a count 50 ms old never leaves them idle.
     def __init__(self, db: Database, max_pending: int, refresh_s: float = 0.1,
-                 recheck_s: float = 0.02):
+                 recheck_s: float = 0.05):
         self._db = db
         self.max_pending = max_pending  # 0: no bound
         self._refresh_s = refresh_s

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Result
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,9 +86,26 @@ class Prepared:
         self.prepare_sql = f"PREPARE {name} ({', '.join(self.types)}) AS {body}"
         # psycopg2 fills the %s client-side; the casts keep a NULL or an array of NULLs typed.
         self.execute_sql = f"EXECUTE {name} ({', '.join(f'CAST(%s AS {t})' for t in self.types)})"
+        self._execute = text(f"EXECUTE {name} ("
+                             + ", ".join(f"CAST(:{p} AS {t})" for p, t in zip(self.params, self.types)) + ")")
 
     def args(self, params: Mapping[str, Any]) -> list[Any]:
         return [params[p] for p in self.params]
+
+    def run(self, session: Session, params: Mapping[str, Any]) -> Result:
+        """EXECUTE it in the session's transaction, PREPAREd on the session's connection the
+        first time. A prepared statement outlives a rollback and lives as long as the connection,
+        whose `info` (emptied on reconnect) remembers it. Planned under the settings of the
+        transaction that first runs it (generic plan: plan_cache_mode, in `Database`)."""
+        connection = session.connection()
+        prepared = connection.connection.info.setdefault(_PREPARED, set())
+        if self.name not in prepared:
+            connection.exec_driver_sql(self.prepare_sql)
+            prepared.add(self.name)
+        return session.execute(self._execute, params)
+
+
+_PREPARED = "wallet_prepared"  # connection.info key: names PREPAREd on that connection
 
 
 class Database:
@@ -108,7 +125,8 @@ class Database:
                 # to choose, PostgreSQL kept re-planning the payment INSERT (its generic plan,
                 # with arrays for parameters, is estimated dearer than it is): 0.23 ms of
                 # planning per payment, against 0.02 ms for the generic plan, which is the same
-                # index lookups. Only PREPAREd statements are affected; nothing else is prepared.
+                # index lookups. Only PREPAREd statements are affected: the single payment's INSERT
+                # and the worker's apply statements (common.ledger.applying).
                 "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
                            " -c lock_timeout=10000 -c plan_cache_mode=force_generic_plan",
                 "application_name": "wallet",
@@ -174,7 +192,7 @@ class Database:
         try:
             dbapi.autocommit = True
             cursor = dbapi.cursor()
-            prepared = conn.info.setdefault("wallet_prepared", set())  # cleared on reconnect
+            prepared = conn.info.setdefault(_PREPARED, set())  # cleared on reconnect
             if statement.name not in prepared:
                 cursor.execute(statement.prepare_sql)
                 prepared.add(statement.name)

@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from common import money, pgarray
+from common.db import Prepared
 from common.errors import FailureCode
 from common.ledger.entries import INSERT_ENTRIES, entry_params
 from common.ledger.events import APPLY_EVENTS, record_batch_finished
@@ -50,10 +51,17 @@ _LOCK_PENDING = (
 )
 
 
-_LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
+# The statements of every apply transaction are PREPAREd (common.db.Prepared): planning them
+# was ~1 ms per transaction (the write statement alone 0.75 ms), 8 % of PostgreSQL's time with
+# single payments (pg_stat_statements, bench/NOTES.md 2026-12-02).
+_LOCK_SINGLES = Prepared("wallet_lock_singles", _LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
     "p.id = ANY(CAST(:ids AS bigint[])) AND (p.batch_id IS NULL"
     " OR NOT (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id))")))
-_LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id"))
+_LOCK_BATCH = Prepared("wallet_lock_batch", _LOCK_PENDING.format(
+    skip="", where="p.batch_id = CAST(:batch_id AS bigint)"))
+_LOCK_ACCOUNTS = Prepared("wallet_lock_accounts", (
+    "SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
+    " ORDER BY id FOR NO KEY UPDATE"))
 
 
 # Every statement of an apply transaction reaches its rows by primary key (or the batch index):
@@ -62,7 +70,8 @@ _LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id")
 # planner seq-scanned `payments` and `accounts` into hash joins instead: tens of milliseconds per
 # transaction, with the accounts locked all the while, so the other workers queued behind it and
 # throughput fell 5-8x (bench/NOTES.md, 2026-12-02). A sequential scan is never the right plan
-# here: it is ruled out for the transaction (SET LOCAL ends with it).
+# here: it is ruled out for the transaction (SET LOCAL ends with it), and so from the generic plans
+# of the prepared statements, which are made in such a transaction.
 _NO_SEQSCAN = text("SET LOCAL enable_seqscan = off")
 
 
@@ -76,7 +85,7 @@ def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome
     # redelivered or re-swept copy of its message); waiting for it would only find it terminal.
     # Should that transaction roll back instead, the payment is still pending and is swept again.
     session.execute(_NO_SEQSCAN)
-    payments = session.execute(_LOCK_SINGLES, {"ids": pgarray.integers(payment_ids)}).all()
+    payments = _LOCK_SINGLES.run(session, {"ids": pgarray.integers(payment_ids)}).all()
     return _apply(session, payments, atomic=False)
 
 
@@ -84,7 +93,7 @@ def apply_atomic_batch(session: Session, batch_id: int) -> list[Outcome]:
     """All payments of an atomic batch complete together, or all fail together."""
     # No SKIP LOCKED here: an atomic batch must see all of its payments, so it waits.
     session.execute(_NO_SEQSCAN)
-    payments = session.execute(_LOCK_BATCH, {"batch_id": batch_id}).all()
+    payments = _LOCK_BATCH.run(session, {"batch_id": batch_id}).all()
     return _apply(session, payments, atomic=True)
 
 
@@ -97,10 +106,8 @@ class _Accounts:
 
     @classmethod
     def lock(cls, session: Session, account_ids: Sequence[int]) -> "_Accounts":
-        rows = {row.id: row for row in session.execute(text(
-            "SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
-            " ORDER BY id FOR NO KEY UPDATE"
-        ), {"ids": pgarray.integers(sorted(account_ids))})}
+        rows = {row.id: row for row in _LOCK_ACCOUNTS.run(
+            session, {"ids": pgarray.integers(sorted(account_ids))})}
         return cls(rows, {i: r.balance for i, r in rows.items()}, {i: r.held for i, r in rows.items()})
 
     def available(self, account_id: int) -> Decimal:
@@ -170,10 +177,10 @@ _REFUNDS = (
     "  FROM unnest(CAST(:originals AS bigint[]), CAST(:refunded AS numeric[])) AS v(id, amount)"
     "  WHERE o.id = v.id RETURNING 1)"
 )
-_WRITE_PLAIN = text(_WRITE.format(refunds=""))
-_WRITE_WITH_REFUNDS = text(_WRITE.format(refunds=_REFUNDS))
+_WRITE_PLAIN = Prepared("wallet_write", _WRITE.format(refunds=""))
+_WRITE_WITH_REFUNDS = Prepared("wallet_write_refunds", _WRITE.format(refunds=_REFUNDS))
 # Its lists leave as array literals (common.pgarray): ~6 values per payment, 500 payments a set.
-_WRITE_ARRAYS = pgarray.ArrayParams(_WRITE_WITH_REFUNDS.text)
+_WRITE_ARRAYS = pgarray.ArrayParams(_WRITE.format(refunds=_REFUNDS))
 
 
 def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], entries: Sequence[tuple],
@@ -183,10 +190,10 @@ def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], en
               "ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
               "codes": [o.failure_code and str(o.failure_code) for o in outcomes]}
     if refunded:
-        result = session.execute(_WRITE_WITH_REFUNDS, _WRITE_ARRAYS({
+        result = _WRITE_WITH_REFUNDS.run(session, _WRITE_ARRAYS({
             **params, "originals": list(refunded), "refunded": list(refunded.values())}))
     else:
-        result = session.execute(_WRITE_PLAIN, _WRITE_ARRAYS(params))
+        result = _WRITE_PLAIN.run(session, _WRITE_ARRAYS(params))
     record_batch_finished(session, result.scalars().all())
 
 

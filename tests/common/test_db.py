@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from common.db import Prepared, is_unavailable
 
@@ -44,6 +45,25 @@ def test_unit_of_work_alone_commits_by_itself_and_leaves_the_pool_transactional(
     with db.read() as s:
         assert s.execute(text("SELECT count(*) FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one() == 1
     db.unit_of_work(lambda s: s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch_id}))
+
+
+def test_run_in_a_session_prepares_once_per_connection_and_rolls_back_with_it(db):
+    insert = Prepared("wallet_test_run_insert",
+                      "INSERT INTO batches (atomic, total) VALUES (false, CAST(:total AS integer))"
+                      " RETURNING id, (SELECT count(*) FROM pg_prepared_statements"
+                      "                WHERE name = 'wallet_test_run_insert') AS prepared")
+    with db.engine.connect() as conn:
+        with Session(bind=conn) as s:
+            first = insert.run(s, {"total": 3}).one()
+            s.rollback()  # the row goes; the prepared statement stays with the connection
+            second = insert.run(s, {"total": 4}).one()
+            s.rollback()
+            assert first.prepared == 1 and second.prepared == 1
+            again = s.execute(text("SELECT count(*) FROM batches WHERE id = ANY(:ids)"),
+                              {"ids": [first.id, second.id]}).scalar_one()
+            assert again == 0
+            assert s.execute(text("SELECT count(*) FROM pg_prepared_statements"
+                                  " WHERE name = 'wallet_test_run_insert'")).scalar_one() == 1
 
 
 def test_a_refused_statement_raises_sqlalchemy_error_and_writes_nothing(db):

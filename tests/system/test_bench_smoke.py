@@ -74,4 +74,5 @@ def test_bench_smoke_writes_every_field(tmp_path, services, loadgen):
         assert s["completed"] + s["failed"] == s["payments"], name
     assert scenarios["batch"]["payments_per_request"] == 100
     # Paced (--smoke: 50/s offered), not as fast as answered (8 clients would send hundreds/s).
+    assert scenarios["paced"]["offered_per_s"] == 50
     assert scenarios["paced"]["requests_per_s"] == pytest.approx(50, rel=0.25)
