@@ -73,9 +73,11 @@ batches = Table(
 payments = Table(
     "payments", metadata,
     Column("id", BigInteger, primary_key=True),
-    Column("buyer_account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    Column("seller_account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    Column("currency_id", SmallInteger, ForeignKey("currencies.id"), nullable=False),
+    # No foreign keys on these three: the INSERT that records a payment joins its accounts, and
+    # accounts and currencies are never removed (triggers; migration 0004 says why).
+    Column("buyer_account_id", BigInteger, nullable=False),
+    Column("seller_account_id", BigInteger, nullable=False),
+    Column("currency_id", SmallInteger, nullable=False),
     Column("amount", Money, nullable=False),
     Column("status", String(16), nullable=False, server_default="pending"),
     Column("failure_code", String(32)),

@@ -2,8 +2,8 @@
 
 Locking discipline (what makes concurrent application race-free and deadlock-free):
 payments are locked before accounts, each set in ascending id order, accounts with
-`FOR NO KEY UPDATE` (which does not block the `FOR KEY SHARE` locks that payment inserts take
-through their foreign keys). Captures, cancels and expiries (common.ledger.holds) lock their
+`FOR NO KEY UPDATE` (which does not block the `FOR KEY SHARE` locks that foreign-key checks
+take). Captures, cancels and expiries (common.ledger.holds) lock their
 payments first and then their accounts too; a completed refund also updates its original payment,
 after the accounts, and the refund request (common.ledger.refunds) locks that original without
 waiting for any account lock, so no cycle can form.

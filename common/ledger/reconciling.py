@@ -37,6 +37,15 @@ def reconcile(session: Session, *, events: bool = True) -> list[str]:
         " WHERE a.held <> coalesce(h.total, 0)"
     )):
         problems.append(f"account {row.id}: held {row.held} but its authorized payments sum to {row.authorized}")
+    # Its accounts exist, of its currency: what the INSERT checked, and triggers keep true (no
+    # foreign key does since migration 0004).
+    for row in session.execute(text(
+        "SELECT p.id FROM payments p"
+        " LEFT JOIN accounts b ON b.id = p.buyer_account_id AND b.currency_id = p.currency_id"
+        " LEFT JOIN accounts s ON s.id = p.seller_account_id AND s.currency_id = p.currency_id"
+        " WHERE b.id IS NULL OR s.id IS NULL ORDER BY p.id"
+    )):
+        problems.append(f"payment {row.id}: its buyer or seller is not an account of its currency")
     # A completed payment has two entries moving its captured amount; any other payment has none.
     for row in session.execute(text(
         "SELECT p.id, p.status, count(e.id) AS entries, coalesce(sum(e.amount) FILTER (WHERE e.amount > 0), 0) AS moved,"

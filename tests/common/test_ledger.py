@@ -162,6 +162,30 @@ def test_reconcile_reports_violations(session, currencies):
     assert any(f"account {account}: balance 11 but its entries sum to 10" in p for p in problems)
 
 
+def test_reconcile_reports_a_payment_naming_no_account_of_its_currency(session, currencies):
+    usd, eur = open_(session, currencies, "10"), open_(session, currencies, "10", currency_id=2)
+    other = open_(session, currencies, "10")
+    stray = sorted(session.execute(text(
+        "INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount)"
+        " VALUES (:usd, :eur, 1, 1), (:usd, 999999999, 1, 1), (:usd, :other, 1, 1) RETURNING id"
+    ), {"usd": usd, "eur": eur, "other": other}).scalars().all())
+    message = "payment {}: its buyer or seller is not an account of its currency"
+    about_these = set(ledger.reconcile(session, events=False)) & {message.format(i) for i in stray}
+    assert about_these == {message.format(i) for i in stray[:2]}
+
+
+@pytest.mark.parametrize("table", ["accounts", "currencies"])
+def test_accounts_and_currencies_are_never_removed(session, currencies, table):
+    """Payments name them without a foreign key (migration 0004): the database refuses to remove
+    one, row by row or all at once, even one that no payment names yet."""
+    row_id = open_(session, currencies, "0") if table == "accounts" else 4
+    for statement in (f"DELETE FROM {table} WHERE id = {row_id}", f"TRUNCATE {table} CASCADE"):
+        with pytest.raises(Exception, match="never removed") as caught:
+            with session.begin_nested():
+                session.execute(text(statement))
+        assert caught.value.orig.pgcode == "23001"  # restrict_violation
+
+
 def test_database_refuses_negative_customer_balance(session, currencies):
     account = open_(session, currencies, "1")
     with pytest.raises(Exception, match="accounts_customer_(balance|available)_nonnegative"):
