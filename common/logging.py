@@ -71,7 +71,22 @@ class JsonFormatter(logging.Formatter):
                 out["request_id"] = rid
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        lines = getattr(record, LINES, None)
+        if lines is not None:  # `log_lines`: one object per line, each the record's and a row's fields
+            return "\n".join(json.dumps({**out, **row}, default=str) for row in lines)
         return json.dumps(out, default=str)
+
+
+LINES = "_lines"  # the LogRecord attribute `log_lines` fills
+
+
+def log_lines(logger: logging.Logger, level: int, event: str, rows: list[dict], **fields) -> None:
+    """One JSON line per row (`event`, `fields`, then the row's own fields), as many calls of
+    `logger.log` would write them, but through one record: the logging machinery (a record, the
+    handlers' lock, the level checks) cost ~12 us a line, paid once per worker transaction instead
+    of once per payment it applied."""
+    if rows and logger.isEnabledFor(level):
+        logger.log(level, event, extra={**fields, LINES: rows})
 
 
 def _timestamp(created: float) -> str:
@@ -91,6 +106,19 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, LINES, None) is None:
+            return super().emit(record)
+        # Line by line, as separate records would be: a write of one line is never split or
+        # interleaved with another process's on a shared pipe (up to PIPE_BUF, 4 kB).
+        try:
+            stream = self.stream
+            for line in self.format(record).split("\n"):  # json.dumps never writes a raw newline
+                stream.write(line + self.terminator)
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
 from common import ledger, metrics, sweeper
 from common.db import Database, is_unavailable
 from common.errors import FailureCode
-from common.logging import configure_logging, get_logger
+from common.logging import configure_logging, get_logger, log_lines
 from common.messaging import APPLY_ATOMIC_BATCH, APPLY_PAYMENTS, REQUEST_ID, REQUEST_IDS, SWEEP, Sender
 from common.settings import get_settings
 
@@ -233,8 +233,7 @@ def sweep(self) -> None:
 
 def _log_outcomes(outcomes: list[ledger.Outcome], request_id_of, **fields) -> None:
     """One JSON line per applied payment, with the id of the request that submitted it."""
-    for o in outcomes:
-        payment_log.info("payment applied", extra={
-            "payment_id": o.payment_id, "status": o.status,
-            "failure_code": o.failure_code and str(o.failure_code),
-            "request_id": request_id_of(o.payment_id), **fields})
+    log_lines(payment_log, logging.INFO, "payment applied", [
+        {"payment_id": o.payment_id, "status": o.status,
+         "failure_code": o.failure_code and str(o.failure_code),
+         "request_id": request_id_of(o.payment_id), **fields} for o in outcomes])

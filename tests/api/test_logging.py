@@ -104,3 +104,30 @@ def test_configure_logging_masks_bearer_tokens(capsys):
     entry = json.loads(err)
     assert entry["event"] == "header was Bearer [redacted]" and "abc.def" not in err
     assert (entry["level"], entry["logger"]) == ("warning", "wallet.test")
+
+
+def test_log_lines_writes_one_object_per_row_through_one_record(capsys):
+    """The worker's `payment applied` lines (common.logging.log_lines): each row its own JSON line,
+    with the record's fields and the row's, written line by line; one record for them all."""
+    import logging
+    from common.logging import configure_logging, log_lines
+    from common.settings import Settings
+    configure_logging(Settings())
+    logger = logging.getLogger("wallet.test")
+    records = []
+    counter = logging.Handler()
+    counter.emit = records.append
+    logger.addHandler(counter)
+    try:
+        rows = [{"payment_id": 1, "request_id": "r-1"}, {"payment_id": 2, "request_id": None,
+                                                          "note": "line\nbreak"}]
+        log_lines(logger, logging.INFO, "payment applied", rows, batch_id=7)
+        log_lines(logger, logging.DEBUG, "not at this level", rows)
+        log_lines(logger, logging.INFO, "nothing to say", [])
+    finally:
+        logger.removeHandler(counter)
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()[-2:]]
+    assert [(e["event"], e["payment_id"], e["request_id"], e["batch_id"], e["level"]) for e in lines] == [
+        ("payment applied", 1, "r-1", 7, "info"), ("payment applied", 2, None, 7, "info")]
+    assert lines[1]["note"] == "line\nbreak" and "timestamp" in lines[0]
+    assert len(records) == 1
