@@ -24,7 +24,6 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from common import money, pgarray
-from common.db import Prepared
 from common.errors import FailureCode
 from common.ledger.entries import INSERT_ENTRIES, entry_params
 from common.ledger.events import APPLY_EVENTS, record_batch_finished
@@ -58,15 +57,15 @@ _LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
     "p.id = ANY(CAST(:ids AS bigint[])) AND (p.batch_id IS NULL"
     " OR NOT (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id))")))
 _LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id"))
-# The accounts' lock and the write statement are PREPAREd (common.db.Prepared): planning them was
-# ~0.85 ms per transaction (the write alone 0.75 ms), ~8 % of PostgreSQL's time with single
-# payments (pg_stat_statements, bench/NOTES.md 2026-12-02). They reach every row by primary key,
-# the only index their conditions fit once a table holds more than a few pages; a generic plan
-# made while a table was nearly empty is made again when autovacuum analyzes it (the analyze
-# invalidates the plans that read the table).
-_LOCK_ACCOUNTS = Prepared("wallet_lock_accounts", (
+# None of the apply statements is PREPAREd, though planning them is ~1 ms a transaction (8 % of
+# PostgreSQL's time with single payments): a generic plan is made once, from the statistics of
+# that moment, and kept. Made while `payments` was nearly empty, the write statement's reached
+# each payment through a full scan of another index (`payments_status_idx`, a condition on `id`),
+# and the payment locks' read every pending payment through the status index; the scaling table
+# collapsed (batch ~1,000/s, completion p99 2-2.6 s, bench/NOTES.md 2026-12-02 afternoon).
+_LOCK_ACCOUNTS = text(
     "SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
-    " ORDER BY id FOR NO KEY UPDATE"))
+    " ORDER BY id FOR NO KEY UPDATE")
 
 
 # Every statement of an apply transaction reaches its rows by primary key (or the batch index):
@@ -75,8 +74,7 @@ _LOCK_ACCOUNTS = Prepared("wallet_lock_accounts", (
 # planner seq-scanned `payments` and `accounts` into hash joins instead: tens of milliseconds per
 # transaction, with the accounts locked all the while, so the other workers queued behind it and
 # throughput fell 5-8x (bench/NOTES.md, 2026-12-02). A sequential scan is never the right plan
-# here: it is ruled out for the transaction (SET LOCAL ends with it), and so from the generic plans
-# of the prepared statements, which are made in such a transaction.
+# here: it is ruled out for the transaction (SET LOCAL ends with it).
 _NO_SEQSCAN = text("SET LOCAL enable_seqscan = off")
 
 
@@ -111,8 +109,8 @@ class _Accounts:
 
     @classmethod
     def lock(cls, session: Session, account_ids: Sequence[int]) -> "_Accounts":
-        rows = {row.id: row for row in _LOCK_ACCOUNTS.run(
-            session, {"ids": pgarray.integers(sorted(account_ids))})}
+        rows = {row.id: row for row in session.execute(
+            _LOCK_ACCOUNTS, {"ids": pgarray.integers(sorted(account_ids))})}
         return cls(rows, {i: r.balance for i, r in rows.items()}, {i: r.held for i, r in rows.items()})
 
     def available(self, account_id: int) -> Decimal:
@@ -182,8 +180,8 @@ _REFUNDS = (
     "  FROM unnest(CAST(:originals AS bigint[]), CAST(:refunded AS numeric[])) AS v(id, amount)"
     "  WHERE o.id = v.id RETURNING 1)"
 )
-_WRITE_PLAIN = Prepared("wallet_write", _WRITE.format(refunds=""))
-_WRITE_WITH_REFUNDS = Prepared("wallet_write_refunds", _WRITE.format(refunds=_REFUNDS))
+_WRITE_PLAIN = text(_WRITE.format(refunds=""))
+_WRITE_WITH_REFUNDS = text(_WRITE.format(refunds=_REFUNDS))
 # Its lists leave as array literals (common.pgarray): ~6 values per payment, 500 payments a set.
 _WRITE_ARRAYS = pgarray.ArrayParams(_WRITE.format(refunds=_REFUNDS))
 
@@ -195,10 +193,10 @@ def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], en
               "ids": [o.payment_id for o in outcomes], "statuses": [o.status for o in outcomes],
               "codes": [o.failure_code and str(o.failure_code) for o in outcomes]}
     if refunded:
-        result = _WRITE_WITH_REFUNDS.run(session, _WRITE_ARRAYS({
+        result = session.execute(_WRITE_WITH_REFUNDS, _WRITE_ARRAYS({
             **params, "originals": list(refunded), "refunded": list(refunded.values())}))
     else:
-        result = _WRITE_PLAIN.run(session, _WRITE_ARRAYS(params))
+        result = session.execute(_WRITE_PLAIN, _WRITE_ARRAYS(params))
     record_batch_finished(session, result.scalars().all())
 
 

@@ -192,7 +192,7 @@ def test_two_transactions_finishing_a_batch_at_once_write_one_batch_finished(db)
 
     thread = threading.Thread(target=second)
     thread.start()
-    _wait_for_lock_waiter(db, "EXECUTE wallet_write")  # the apply statement (prepared)
+    _wait_for_lock_waiter(db, "WITH balances AS")  # the apply statement (its text is cut at 1 kB)
     s1.flush()
     trans.commit()
     first.close()
