@@ -50,22 +50,16 @@ _LOCK_PENDING = (
 )
 
 
-# The locks of the payments are planned each time: a generic plan (made once, without the ids'
-# count) may take the index on `status` and read every pending payment, since the statistics say
-# pending payments are few (seen: 4.5 ms a transaction instead of ~1).
-_LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
-    "p.id = ANY(CAST(:ids AS bigint[])) AND (p.batch_id IS NULL"
-    " OR NOT (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id))")))
-_LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id"))
 # None of the apply statements is PREPAREd, though planning them is ~1 ms a transaction (8 % of
 # PostgreSQL's time with single payments): a generic plan is made once, from the statistics of
 # that moment, and kept. Made while `payments` was nearly empty, the write statement's reached
 # each payment through a full scan of another index (`payments_status_idx`, a condition on `id`),
 # and the payment locks' read every pending payment through the status index; the scaling table
-# collapsed (batch ~1,000/s, completion p99 2-2.6 s, bench/NOTES.md 2026-12-02 afternoon).
-_LOCK_ACCOUNTS = text(
-    "SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
-    " ORDER BY id FOR NO KEY UPDATE")
+# collapsed (batch ~1,000/s, completion p99 1.4-2.7 s, bench/NOTES.md 2026-12-02 afternoon).
+_LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(
+    "p.id = ANY(CAST(:ids AS bigint[])) AND (p.batch_id IS NULL"
+    " OR NOT (SELECT b.atomic FROM batches b WHERE b.id = p.batch_id))")))
+_LOCK_BATCH = text(_LOCK_PENDING.format(skip="", where="p.batch_id = :batch_id"))
 
 
 # Every statement of an apply transaction reaches its rows by primary key (or the batch index):
@@ -109,8 +103,10 @@ class _Accounts:
 
     @classmethod
     def lock(cls, session: Session, account_ids: Sequence[int]) -> "_Accounts":
-        rows = {row.id: row for row in session.execute(
-            _LOCK_ACCOUNTS, {"ids": pgarray.integers(sorted(account_ids))})}
+        rows = {row.id: row for row in session.execute(text(
+            "SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
+            " ORDER BY id FOR NO KEY UPDATE"
+        ), {"ids": pgarray.integers(sorted(account_ids))})}
         return cls(rows, {i: r.balance for i, r in rows.items()}, {i: r.held for i, r in rows.items()})
 
     def available(self, account_id: int) -> Decimal:
@@ -183,7 +179,7 @@ _REFUNDS = (
 _WRITE_PLAIN = text(_WRITE.format(refunds=""))
 _WRITE_WITH_REFUNDS = text(_WRITE.format(refunds=_REFUNDS))
 # Its lists leave as array literals (common.pgarray): ~6 values per payment, 500 payments a set.
-_WRITE_ARRAYS = pgarray.ArrayParams(_WRITE.format(refunds=_REFUNDS))
+_WRITE_ARRAYS = pgarray.ArrayParams(_WRITE_WITH_REFUNDS.text)
 
 
 def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], entries: Sequence[tuple],
