@@ -125,8 +125,8 @@ class Database:
                 # to choose, PostgreSQL kept re-planning the payment INSERT (its generic plan,
                 # with arrays for parameters, is estimated dearer than it is): 0.23 ms of
                 # planning per payment, against 0.02 ms for the generic plan, which is the same
-                # index lookups. Only PREPAREd statements are affected: the single payment's INSERT
-                # and the worker's apply statements (common.ledger.applying).
+                # index lookups. Only PREPAREd statements are affected: the payment INSERT, alone
+                # or in a batch's transaction (common.ledger.accepting); nothing else is prepared.
                 "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
                            " -c lock_timeout=10000 -c plan_cache_mode=force_generic_plan",
                 "application_name": "wallet",
