@@ -132,8 +132,10 @@ payments = Table(
 ledger_entries = Table(
     "ledger_entries", metadata,
     Column("id", BigInteger, primary_key=True),
-    Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    Column("payment_id", BigInteger, ForeignKey("payments.id")),
+    # No foreign keys: entries are written only for accounts and payments their statement holds,
+    # and neither is ever removed (triggers; migration 0005 says why).
+    Column("account_id", BigInteger, nullable=False),
+    Column("payment_id", BigInteger),
     Column("amount", Money, nullable=False),
     Column("balance_after", Money, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),

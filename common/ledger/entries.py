@@ -1,4 +1,9 @@
-"""Ledger entries: one row per balance change, written set-based."""
+"""Ledger entries: one row per balance change, written set-based.
+
+No foreign key checks an entry's account and payment (migration 0005): whoever writes entries
+holds their accounts locked and writes or updates their payments in the same transaction. Entries
+are append-only (triggers refuse UPDATE and DELETE), and reconcile reports any that names a
+missing row."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -46,6 +46,14 @@ def reconcile(session: Session, *, events: bool = True) -> list[str]:
         " WHERE b.id IS NULL OR s.id IS NULL ORDER BY p.id"
     )):
         problems.append(f"payment {row.id}: its buyer or seller is not an account of its currency")
+    # Its account exists, and its payment if it names one: what the writing statement holds, and
+    # triggers keep true (no foreign key does since migration 0005).
+    for row in session.execute(text(
+        "SELECT e.id FROM ledger_entries e"
+        " LEFT JOIN accounts a ON a.id = e.account_id LEFT JOIN payments p ON p.id = e.payment_id"
+        " WHERE a.id IS NULL OR (e.payment_id IS NOT NULL AND p.id IS NULL) ORDER BY e.id"
+    )):
+        problems.append(f"ledger entry {row.id}: its account or its payment does not exist")
     # A completed payment has two entries moving its captured amount; any other payment has none.
     for row in session.execute(text(
         "SELECT p.id, p.status, count(e.id) AS entries, coalesce(sum(e.amount) FILTER (WHERE e.amount > 0), 0) AS moved,"

@@ -186,6 +186,34 @@ def test_accounts_and_currencies_are_never_removed(session, currencies, table):
         assert caught.value.orig.pgcode == "23001"  # restrict_violation
 
 
+def test_reconcile_reports_a_ledger_entry_naming_a_missing_account_or_payment(session, currencies):
+    account = open_(session, currencies, "10")
+    payment = pay(session, currencies, account, open_(session, currencies, "0"), "1")["id"]
+    stray = sorted(session.execute(text(
+        "INSERT INTO ledger_entries (account_id, payment_id, amount, balance_after)"
+        " VALUES (999999999, NULL, 1, 1), (:a, 999999999, 1, 11), (:a, :p, 1, 12) RETURNING id"
+    ), {"a": account, "p": payment}).scalars().all())
+    message = "ledger entry {}: its account or its payment does not exist"
+    about_these = set(ledger.reconcile(session, events=False)) & {message.format(i) for i in stray}
+    assert about_these == {message.format(i) for i in stray[:2]}
+
+
+@pytest.mark.parametrize("statement", [
+    "DELETE FROM payments WHERE id = {payment}", "TRUNCATE payments CASCADE",
+    "UPDATE ledger_entries SET amount = amount + 1 WHERE payment_id = {payment}",
+    "DELETE FROM ledger_entries WHERE payment_id = {payment}", "TRUNCATE ledger_entries",
+])
+def test_the_ledger_is_append_only(session, currencies, statement):
+    """Entries name their payment and account without a foreign key (migration 0005): payments are
+    never removed, entries never changed nor removed."""
+    payment = pay(session, currencies, open_(session, currencies, "10"), open_(session, currencies, "0"), "1")["id"]
+    ledger.apply_payments(session, [payment])
+    with pytest.raises(Exception, match="the ledger is append-only") as caught:
+        with session.begin_nested():
+            session.execute(text(statement.format(payment=payment)))
+    assert caught.value.orig.pgcode == "23001"  # restrict_violation
+
+
 def test_database_refuses_negative_customer_balance(session, currencies):
     account = open_(session, currencies, "1")
     with pytest.raises(Exception, match="accounts_customer_(balance|available)_nonnegative"):
