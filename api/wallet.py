@@ -18,7 +18,8 @@ class Wallet:
         self.db = Database(settings)
         self.celery = make_celery(settings, publisher=True)  # the API only sends
         self.sender = Sender(self.celery, settings)
-        self.admission = Admission(self.db, settings.max_pending)
+        self.admission = Admission(self.db, settings.max_pending, wait_s=settings.admission_wait_ms / 1000,
+                                   max_waiting=settings.admission_waiters)
         self.dispatcher = Dispatcher(self.sender, settings.dispatch_window_ms,
                                      max_held=settings.dispatch_max_held)
         self._currencies: Currencies | None = None

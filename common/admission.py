@@ -9,10 +9,21 @@ The bound is soft: each API process reads the pending count at most every `refre
 what it admits itself in between, so several processes together may overshoot it by what they
 admit within one refresh. A refusal is never based on a stale count: before refusing, the count
 is read again if it is older than `recheck_s` (the backlog may have drained since).
+
+A request that does not fit waits for room, up to `wait_s`, before it is refused: the backlog
+drains by a batch's worth every few tens of milliseconds, and a refused client sends its whole
+request again (about 2 ms of the API's CPU for a batch of 100 the first time, and a request's
+fixed cost each time after: a quarter of the API's CPU in the batch scenario, bench/NOTES.md
+2026-12-02 evening). A waiting request holds a thread, not a database connection, so at most
+`max_waiting` wait at once in a process: the others are refused at once, and the process keeps
+threads for reads and for the work it admitted. Waiters reserve their room when they are
+admitted, first come first admitted, so a drained backlog lets in only as many as fit, and a
+new request never overtakes one that waits.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 import threading
 import time
 
@@ -22,48 +33,86 @@ from common.db import Database
 from common.errors import Overloaded
 
 
+class _Waiter:
+    def __init__(self, count: int):
+        self.count = count
+        self.admitted = threading.Event()
+
+
 class Admission:
     # recheck_s: while refusing, each process counts again at most this often. At 20 ms the
     # count (~1,500 index entries and their rows) was 9 % of PostgreSQL's time in the batch
     # scenario (pg_stat_statements, bench/NOTES.md 2026-12-02); the backlog at the bound is
     # ~0.3 s of the workers' work, so a count 50 ms old never leaves them idle.
     def __init__(self, db: Database, max_pending: int, refresh_s: float = 0.1,
-                 recheck_s: float = 0.05):
+                 recheck_s: float = 0.05, wait_s: float = 0.0, max_waiting: int = 0):
         self._db = db
         self.max_pending = max_pending  # 0: no bound
         self._refresh_s = refresh_s
         self._recheck_s = recheck_s
+        self._wait_s = wait_s
+        self._max_waiting = max_waiting
+        self._queue: deque[_Waiter] = deque()  # first come, first admitted
         self._pending = 0
         self._read_at = -math.inf  # never read
         self._reading = threading.Lock()
+        self._counting = threading.Lock()  # guards _pending and _queue; never held across I/O
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for room now."""
+        return len(self._queue)
 
     def admit(self, count: int) -> None:
-        """Raises Overloaded when `count` more payments would take the backlog over the bound. An
-        empty backlog admits anything (a batch larger than the bound is slow, never refused)."""
+        """Counts `count` more payments in, once the backlog has room for them; raises Overloaded
+        when it has none within `wait_s` (or `max_waiting` requests already wait). An empty
+        backlog admits anything (a batch larger than the bound is slow, never refused)."""
         if not self.max_pending:
             return
-        self.check(count)
-        self._pending += count  # racy by design: a soft bound, corrected at the next read
+        for max_age_s in (self._refresh_s, self._recheck_s):  # a refusal is never on a stale count
+            self._read(max_age_s)
+            with self._counting:
+                if not self._queue and self._take(count):
+                    return
+        with self._counting:
+            if self._wait_s <= 0 or len(self._queue) >= self._max_waiting:
+                raise self._overloaded()
+            waiter = _Waiter(count)
+            self._queue.append(waiter)
+        deadline = time.monotonic() + self._wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            if waiter.admitted.wait(min(left, self._recheck_s)):
+                return
+            self._read(self._recheck_s)  # whichever waiter reads admits what fits, in order
+        with self._counting:
+            if waiter.admitted.is_set():
+                return
+            self._queue.remove(waiter)
+        raise self._overloaded()
 
-    def check(self, count: int) -> None:
-        """`admit` without counting the payments in: raises Overloaded, or returns."""
-        if not self.max_pending:
-            return
-        pending = self._current(self._refresh_s)
-        if pending and pending + count > self.max_pending:
-            pending = self._current(self._recheck_s)
-        if pending and pending + count > self.max_pending:
-            raise Overloaded(
-                f"{pending} payments are waiting to be applied (limit {self.max_pending}); retry shortly",
-                {"pending": pending, "max_pending": self.max_pending})
+    def _take(self, count: int) -> bool:
+        """Under _counting: counts `count` in if it fits. A soft bound: the next read replaces
+        this count with the database's."""
+        if self._pending and self._pending + count > self.max_pending:
+            return False
+        self._pending += count
+        return True
 
-    def _current(self, max_age_s: float) -> int:
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"{self._pending} payments are waiting to be applied (limit {self.max_pending}); retry shortly",
+            {"pending": self._pending, "max_pending": self.max_pending})
+
+    def _read(self, max_age_s: float) -> None:
         if time.monotonic() - self._read_at >= max_age_s and self._reading.acquire(blocking=False):
             try:  # one thread reads; the others go on with the last value
                 with self._db.read() as session:
-                    self._pending = session.execute(text(
+                    pending = session.execute(text(
                         "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
+                with self._counting:
+                    self._pending = pending
+                    while self._queue and self._take(self._queue[0].count):
+                        self._queue.popleft().admitted.set()
                 self._read_at = time.monotonic()
             finally:
                 self._reading.release()
-        return self._pending

@@ -55,6 +55,11 @@ class Settings:
     # Admission control: POST /payments and /payments/batch answer 429 while more payments than
     # this are pending (0: no bound). It bounds completion latency to about this over the apply rate.
     max_pending: int = 1500
+    # A payment POST that does not fit waits up to this for room before its 429 (common.admission),
+    # at most `admission_max_waiting` at once per API process (None: all threads but two). A 429
+    # says Retry-After: 1, so a client loses no time waiting as long.
+    admission_wait_ms: float = 1000.0
+    admission_max_waiting: int | None = None
     db_pool_size: int = 12
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
@@ -75,6 +80,12 @@ class Settings:
     webhook_allow_private: bool = False  # 1: URLs may reach private addresses (development, tests)
     webhook_threads: int = 8  # delivery threads per worker process
     webhook_fanout_interval_seconds: float = 1.0
+
+    @property
+    def admission_waiters(self) -> int:
+        if self.admission_max_waiting is not None:
+            return self.admission_max_waiting
+        return max(0, self.web_threads - 2)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -100,6 +111,8 @@ class Settings:
             max_body_bytes=num("WALLET_MAX_BODY_BYTES", d.max_body_bytes),
             max_batch_items=num("WALLET_MAX_BATCH_ITEMS", d.max_batch_items),
             max_pending=num("WALLET_MAX_PENDING", d.max_pending),
+            admission_wait_ms=num("WALLET_ADMISSION_WAIT_MS", d.admission_wait_ms, float),
+            admission_max_waiting=num("WALLET_ADMISSION_MAX_WAITING", d.admission_max_waiting),
             db_pool_size=num("WALLET_DB_POOL_SIZE", d.db_pool_size),
             db_max_overflow=num("WALLET_DB_MAX_OVERFLOW", d.db_max_overflow),
             db_statement_timeout_ms=num("WALLET_DB_STATEMENT_TIMEOUT_MS", d.db_statement_timeout_ms),
@@ -128,6 +141,8 @@ class Settings:
             raise ValueError("WALLET_PUBLISH_TIMEOUT_MS must be positive")
         if self.max_pending < 0:
             raise ValueError("WALLET_MAX_PENDING must be 0 (no bound) or more")
+        if self.admission_wait_ms < 0 or (self.admission_max_waiting or 0) < 0:
+            raise ValueError("WALLET_ADMISSION_WAIT_MS and WALLET_ADMISSION_MAX_WAITING must be 0 or more")
         if self.webhook_max_attempts < 1 or self.webhook_threads < 1 or self.webhook_timeout_seconds <= 0:
             raise ValueError("WALLET_WEBHOOK_MAX_ATTEMPTS, _THREADS and _TIMEOUT_SECONDS must be positive")
 

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from flask import current_app, request
+from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
 from api.wallet import wallet
@@ -30,7 +30,8 @@ def admit_new_work(reqs: Sequence[ledger.PaymentRequest], key: ledger.Idempotenc
     its key already made one. Raises IdempotencyConflict, the request's 422, or Overloaded."""
     w = wallet()
     try:
-        w.admission.admit(len(reqs))
+        if g.pop("wallet_admitted", None) != len(reqs):  # not already by refuse_again_at_once
+            w.admission.admit(len(reqs))
         return None
     except Overloaded:
         with w.db.read() as session:
@@ -49,9 +50,10 @@ def admit_new_work(reqs: Sequence[ledger.PaymentRequest], key: ledger.Idempotenc
 
 def refuse_again_at_once(resource_type: str) -> None:
     """Raises Overloaded, before any parsing, for a body that this process has already validated
-    in full and refused, while admission control still refuses: the full path would answer the
-    same 429. Its validity cannot have changed: it rests on the body's bytes, the currencies and
-    the accounts' currencies, none of which ever change (common.ledger.directory). A client
+    in full and refused, while admission control still refuses (after waiting for room, as any
+    request does): the full path would answer the same 429. Its validity cannot have changed: it
+    rests on the body's bytes, the currencies and the accounts' currencies, none of which ever
+    change (common.ledger.directory). A client
     refused sends the same request again, so under overload most refusals are of this kind,
     and they then cost about what an empty request does. A request with an Idempotency-Key
     always takes the full path: it may be a replay, to be answered."""
@@ -59,8 +61,9 @@ def refuse_again_at_once(resource_type: str) -> None:
     if not refused or "Idempotency-Key" in request.headers:
         return
     count = refused.count(_body_digest(resource_type))
-    if count is not None:
-        wallet().admission.check(count)
+    if count is not None:  # it waits for room like any other; once admitted, it is counted in
+        wallet().admission.admit(count)
+        g.wallet_admitted = count
 
 
 class RefusedBodies:

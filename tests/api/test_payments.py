@@ -239,9 +239,9 @@ def test_concurrent_first_requests_with_one_key(api_url, db):
 
 def _overload_app(database_url, broker_url, *, fill=True):
     """An app whose backlog holds one payment (max_pending 1, no worker on this database, the
-    count re-read on every request), full once `fill` has sent its first payment:
-    (client, its wallet, a payment body between two funded accounts)."""
-    app = create_app(make_settings(database_url, broker_url, max_pending=1))
+    count re-read on every request, refusing without waiting for room), full once `fill` has
+    sent its first payment: (client, its wallet, a payment body between two funded accounts)."""
+    app = create_app(make_settings(database_url, broker_url, max_pending=1, admission_wait_ms=0))
     client = app.test_client()
     a = client.post("/accounts", json={"name": "a", "amount": "10", "currency_id": 1}, headers=AUTH).get_json()
     b = client.post("/accounts", json={"name": "b", "amount": "0", "currency_id": 1}, headers=AUTH).get_json()

@@ -1,6 +1,8 @@
 """Admission control against a real PostgreSQL of its own (it counts every pending payment)."""
 from __future__ import annotations
 
+import threading
+import time
 from decimal import Decimal
 
 import pytest
@@ -66,3 +68,96 @@ def test_rereads_before_refusing(own_db):
                        " completed_at = now()"))
     own_db.unit_of_work(drain)
     admission.admit(1)  # about to refuse on its stale count, it reads again: 0 pending
+
+
+def _admit_in_thread(admission: Admission, count: int):
+    """admission.admit(count) in a thread; returns (thread, outcome list: "admitted" or the error)."""
+    outcome = []
+
+    def run():
+        try:
+            admission.admit(count)
+            outcome.append("admitted")
+        except Overloaded as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def _drain(db: Database) -> None:
+    db.unit_of_work(lambda s: s.execute(text(
+        "UPDATE payments SET status = 'completed', amount_captured = amount, completed_at = now()")))
+
+
+def test_waits_for_room_and_is_admitted_when_the_backlog_drains(own_db):
+    make_pending(own_db, 4)
+    admission = Admission(own_db, max_pending=4, refresh_s=0, recheck_s=0.01, wait_s=60, max_waiting=1)
+    thread, outcome = _admit_in_thread(admission, 1)
+    _until(lambda: admission.waiting == 1)
+    assert outcome == []  # still waiting: the backlog is full
+    _drain(own_db)
+    thread.join(timeout=30)
+    assert outcome == ["admitted"] and admission.waiting == 0
+
+
+def test_refused_when_no_room_comes_in_time(own_db):
+    make_pending(own_db, 4)
+    admission = Admission(own_db, max_pending=4, refresh_s=0, recheck_s=0.01, wait_s=0.05, max_waiting=1)
+    with pytest.raises(Overloaded) as caught:
+        admission.admit(1)
+    assert caught.value.details == {"pending": 4, "max_pending": 4} and admission.waiting == 0
+
+
+def test_beyond_max_waiting_a_request_is_refused_at_once(own_db):
+    """While `max_waiting` requests wait, the next is refused without waiting (its wait would be
+    a minute here), and the waiter still gets in once the backlog drains."""
+    make_pending(own_db, 4)
+    admission = Admission(own_db, max_pending=4, refresh_s=0, recheck_s=0.01, wait_s=60, max_waiting=1)
+    thread, outcome = _admit_in_thread(admission, 1)
+    _until(lambda: admission.waiting == 1)
+    with pytest.raises(Overloaded):
+        admission.admit(1)
+    assert admission.waiting == 1 and outcome == []
+    _drain(own_db)
+    thread.join(timeout=30)
+    assert outcome == ["admitted"]
+
+
+def test_no_wait_refuses_at_once(own_db):
+    make_pending(own_db, 4)
+    admission = Admission(own_db, max_pending=4, refresh_s=0, wait_s=0, max_waiting=8)
+    with pytest.raises(Overloaded):
+        admission.admit(1)
+    assert admission.waiting == 0
+
+
+def test_waiters_are_admitted_first_come_first_served_and_only_as_many_as_fit(own_db):
+    """Three wait (3, then 2, then 1 payments) behind a full backlog of 4. One read that finds it
+    drained admits the first, and the second only if both fit under the bound (3 + 2 > 4): the
+    third, which would fit, does not overtake the second."""
+    make_pending(own_db, 4)
+    # recheck_s of an hour: no waiter reads the count again; the test makes the one read.
+    admission = Admission(own_db, max_pending=4, refresh_s=0, recheck_s=3600, wait_s=60, max_waiting=3)
+    waiters = []
+    for count in (3, 2, 1):
+        waiters.append(_admit_in_thread(admission, count))
+        _until(lambda: admission.waiting == len(waiters))
+    _drain(own_db)
+    admission._read(0)
+    (first, first_outcome), (_, second_outcome), (_, third_outcome) = waiters
+    first.join(timeout=30)
+    assert first_outcome == ["admitted"]
+    assert second_outcome == [] and third_outcome == [] and admission.waiting == 2
+    admission.max_pending = 1000  # room for all: the next read lets the other two in
+    admission._read(0)
+    for thread, outcome in waiters[1:]:
+        thread.join(timeout=30)
+        assert outcome == ["admitted"]
