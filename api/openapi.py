@@ -39,8 +39,9 @@ ERRORS = {
     422: "Body is well-formed but invalid (validation_error, invalid_amount, unknown_account, "
          "unknown_currency, same_account, currency_mismatch, refund_exceeds_payment); `details` "
          "says which fields",
-    429: "Too many payments are waiting to be applied (backlog_full; `details` has `pending` and "
-         "`max_pending`); retry after the `Retry-After` seconds, with the same Idempotency-Key",
+    429: "Too many payments are waiting to be applied, and no room came within the admission wait "
+         "(backlog_full; `details` has `pending` and `max_pending`); retry after the "
+         "`Retry-After` seconds, with the same Idempotency-Key",
     503: "The database (or, for /ready, a dependency) is unreachable; retry later",
 }
 
@@ -247,8 +248,8 @@ worker applies it moments later; poll `GET /payments/{id}` until it is no longer
   worker's log lines.
 * **Limits**: request bodies up to 1 MiB by default (413 above); batches up to 1000 payments.
 * **Back-pressure**: while more than `WALLET_MAX_PENDING` (1500 by default) accepted payments
-  wait to be applied, the payment POSTs answer 429 `backlog_full` with `Retry-After`; nothing is
-  recorded. This bounds how long an accepted payment waits. A retry with the same Idempotency-Key
+  wait to be applied, a payment POST waits for room (first come first admitted, up to 1 s by
+  default), then answers 429 `backlog_full` with `Retry-After`; nothing is recorded. This bounds how long an accepted payment waits. A retry with the same Idempotency-Key
   is safe.
 """
 
