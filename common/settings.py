@@ -38,7 +38,13 @@ def hash_api_key(key: str) -> str:
 class Settings:
     database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/wallet"
     broker_url: str = "redis://127.0.0.1:6379/0"
-    queues: int = 4
+    # Payment queues. Each message is one worker transaction, whose fixed cost (~3 ms of Python and
+    # ~3-4 ms of PostgreSQL: planning the write statement, three statements, the commit) it
+    # shares among its payments; a dispatch window yields one message per queue and API process.
+    # 4 queues made ~50-payment transactions in the batch scenario, 2 make ~100: batch 1.21 / 1.41x
+    # -> 2.26 / 2.18x the reference, singles 0.23 / 0.26 -> 0.30 / 0.34 (bench/NOTES.md,
+    # 2026-12-02 evening). 1 queue did no better than 2 (one worker idles while the other works).
+    queues: int = 2
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     sweep_after_seconds: float = 10.0
     sweep_interval_seconds: float = 2.0
