@@ -249,8 +249,8 @@ worker applies it moments later; poll `GET /payments/{id}` until it is no longer
 * **Limits**: request bodies up to 1 MiB by default (413 above); batches up to 1000 payments.
 * **Back-pressure**: while more than `WALLET_MAX_PENDING` (1500 by default) accepted payments
   wait to be applied, a payment POST waits for room (first come first admitted, up to 1 s by
-  default), then answers 429 `backlog_full` with `Retry-After`; nothing is recorded. This bounds how long an accepted payment waits. A retry with the same Idempotency-Key
-  is safe.
+  default), then answers 429 `backlog_full` with `Retry-After`; nothing is recorded. This bounds
+  how long an accepted payment waits. A retry with the same Idempotency-Key is safe.
 """
 
 

@@ -23,9 +23,9 @@ new request never overtakes one that waits.
 from __future__ import annotations
 
 import math
-from collections import deque
 import threading
 import time
+from collections import deque
 
 from sqlalchemy import text
 

@@ -43,7 +43,7 @@ class Settings:
     # shares among its payments; a dispatch window yields one message per queue and API process.
     # 4 queues made ~50-payment transactions in the batch scenario, 2 make ~100: batch 1.21 / 1.41x
     # -> 2.26 / 2.18x the reference, singles 0.23 / 0.26 -> 0.30 / 0.34 (bench/NOTES.md,
-    # 2026-12-02 evening). 1 queue did no better than 2 (one worker idles while the other works).
+    # 2026-12-02 evening). 1 queue did no better than 2 (two messages a window for two workers).
     queues: int = 2
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     sweep_after_seconds: float = 10.0

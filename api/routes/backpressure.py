@@ -53,10 +53,10 @@ def refuse_again_at_once(resource_type: str) -> None:
     in full and refused, while admission control still refuses (after waiting for room, as any
     request does): the full path would answer the same 429. Its validity cannot have changed: it
     rests on the body's bytes, the currencies and the accounts' currencies, none of which ever
-    change (common.ledger.directory). A client
-    refused sends the same request again, so under overload most refusals are of this kind,
-    and they then cost about what an empty request does. A request with an Idempotency-Key
-    always takes the full path: it may be a replay, to be answered."""
+    change (common.ledger.directory). A client refused sends the same request again, so under
+    overload most refusals are of this kind, and they then cost about what an empty request
+    does. A request with an Idempotency-Key always takes the full path: it may be a replay, to
+    be answered."""
     refused = _refused_bodies()
     if not refused or "Idempotency-Key" in request.headers:
         return
