@@ -10,7 +10,8 @@ _settings = get_settings()
 
 workers = _settings.web_workers
 threads = _settings.web_threads
-worker_class = "gthread"
+# gthread, with a thread that keeps serving its kept-alive connection (api/http_worker.py).
+worker_class = "api.http_worker.Worker"
 timeout = _settings.web_timeout_seconds
 graceful_timeout = 10
 keepalive = 5

@@ -1,0 +1,66 @@
+"""gunicorn's gthread worker, with a thread that keeps serving its kept-alive connection.
+
+In gthread (gunicorn 27), every request on a kept-alive connection makes a round trip through
+the worker's main thread: the answering thread hands the connection back through a pipe, the
+main thread registers it with its selector, sees it readable, unregisters it and submits it to
+the thread pool again (a Future and a done-callback each time). With the bench's single
+payments the main thread held the GIL 30 % of the API process's time (py-spy --gil,
+bench/NOTES.md), and each hand-off waits for the GIL.
+
+Here a thread that has answered waits up to `LINGER_S` for the same connection's next request
+and serves it itself, for as long as the client keeps sending and no other connection waits for
+a thread; otherwise the connection goes back to the main thread as before. So it changes who
+serves a request, never whether or in what order: one connection's requests are still served
+one after another, and a queued connection waits at most one request (or `LINGER_S`) more than
+in gthread. A stopping worker (`alive` false, max_requests included) lets go after the request
+in hand.
+"""
+from __future__ import annotations
+
+import select
+import threading
+
+from gunicorn.workers.gthread import ThreadWorker
+
+# How long an answering thread waits for its connection's next request. A client in a closed
+# loop (the bench, a batch uploader) sends it within a fraction of a millisecond.
+LINGER_S = 0.002
+# After a wait in vain, the next this many requests of that connection go straight back to the
+# main thread: a client that sends now and then would otherwise cost a thread wake-up (and a
+# GIL hand-off) per request for nothing.
+SKIP_AFTER_IN_VAIN = 8
+
+
+class Worker(ThreadWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._queued = 0  # connections submitted to the pool and not yet taken by a thread
+        self._queued_lock = threading.Lock()
+
+    def enqueue_req(self, conn):
+        with self._queued_lock:
+            self._queued += 1
+        super().enqueue_req(conn)
+
+    def handle(self, conn):
+        with self._queued_lock:
+            self._queued -= 1
+        while True:
+            keepalive = super().handle(conn)
+            if keepalive is not True or conn.is_http2 or not self.alive or self._queued:
+                return keepalive
+            if conn.parser.unreader.buf.getvalue():
+                continue  # the next request is read already
+            skip = getattr(conn, "wallet_skip_linger", 0)
+            if skip:
+                conn.wallet_skip_linger = skip - 1
+                return keepalive
+            if not _readable(conn.sock, LINGER_S):
+                conn.wallet_skip_linger = SKIP_AFTER_IN_VAIN
+                return keepalive
+
+
+def _readable(sock, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))

@@ -1,0 +1,88 @@
+"""api/http_worker.py: the gunicorn worker that keeps serving a kept-alive connection, on a real
+gunicorn with one thread, so that a thread that lingered on one connection is the only one."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import httpx
+import pytest
+
+from tests.support import processes
+
+pytestmark = pytest.mark.processes
+
+
+@pytest.fixture(scope="module")
+def one_thread_api(env, log_dir):
+    proc = processes.start_api({**env, "WALLET_WEB_THREADS": "1", "WALLET_DB_POOL_SIZE": "1"},
+                               log_dir, workers=1, name="api-one-thread")
+    yield f"http://127.0.0.1:{proc.port}"
+    proc.stop()
+
+
+def test_the_api_runs_on_this_worker(one_thread_api, log_dir):
+    with httpx.Client(base_url=one_thread_api, timeout=10) as client:
+        assert client.get("/health").status_code == 200
+    logs = "".join(p.read_text() for p in log_dir.glob("api-one-thread-*.log"))
+    assert "Using worker: api.http_worker.Worker" in logs
+
+
+def test_many_requests_in_a_row_on_one_connection(one_thread_api):
+    with httpx.Client(base_url=one_thread_api, timeout=10) as client:
+        statuses = [client.get("/health").status_code for _ in range(150)]
+    assert statuses == [200] * 150
+
+
+def test_pipelined_requests_are_all_answered(one_thread_api):
+    # Both requests in one write: the parser reads the second with the first, so it is already
+    # buffered (not readable on the socket) when the first is answered.
+    request = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", _port(one_thread_api)), timeout=10) as sock:
+        sock.sendall(request * 2 + b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200") == 3
+
+
+def test_a_busy_connection_does_not_keep_the_thread_from_another(one_thread_api):
+    # One client pipelines many requests on its kept-alive connection, so the only thread always
+    # has its next request at hand and could serve it for ever: it must hand the connection back
+    # as soon as another one waits. (How many go first is up to the GIL: the main thread, which
+    # accepts the other connection, waits for it.)
+    total, marker = 3000, b"HTTP/1.1 200"
+    answered = 0
+    started = threading.Event()
+    request = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+    busy = socket.create_connection(("127.0.0.1", _port(one_thread_api)), timeout=30)
+
+    def read():
+        nonlocal answered
+        tail = b""
+        while chunk := busy.recv(65536):
+            answered += (tail + chunk).count(marker)
+            tail = chunk[-(len(marker) - 1):]
+            if answered >= 5:
+                started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writer = threading.Thread(target=busy.sendall, args=(
+        request * (total - 1) + b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",))
+    writer.start()
+    try:
+        assert started.wait(30)
+        with httpx.Client(base_url=one_thread_api, timeout=30) as other:
+            assert other.get("/health").status_code == 200
+        answered_before_other = answered
+    finally:
+        writer.join(60)
+        reader.join(60)
+        busy.close()
+    assert answered_before_other < total, "the other connection waited for all the busy one's requests"
+    assert answered == total
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
