@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--connections", type=int, default=16, help="per variant (16)")
     p.add_argument("--workers", type=int, default=1, help="gunicorn processes per variant (1)")
+    p.add_argument("--think-ms", type=int, default=0,
+                   help="each connection pauses this long before each request (0: closed loop)")
     args = p.parse_args()
     variants = dict(_variant(v) for v in args.variants)
     services = svc.ensure_services(ROOT / "var" / "side_by_side")
@@ -57,7 +59,7 @@ def main() -> None:
     try:
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in procs}
         for n in range(args.rounds + 1):  # round 0 warms up
-            got = _round(procs, lo, args.seconds, args.connections, seed=n + 1)
+            got = _round(procs, lo, args.seconds, args.connections, args.think_ms, seed=n + 1)
             if n:
                 print(f"round {n}: " + " | ".join(f"{name} {rate:,.0f}/s {ms:.3f} ms/req"
                                                   for name, (rate, ms) in got.items()), flush=True)
@@ -119,12 +121,12 @@ def _cpu_s(pid: int) -> float:
     return sum(t.user + t.system for t in (p.cpu_times() for p in [root, *root.children(recursive=True)]))
 
 
-def _round(procs, lo, seconds, connections, seed) -> dict[str, tuple[float, float]]:
+def _round(procs, lo, seconds, connections, think_ms, seed) -> dict[str, tuple[float, float]]:
     before = {name: _cpu_s(proc.pid) for name, (proc, _) in procs.items()}
     loads = {name: subprocess.Popen(
         ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "30s",
          "-s", str(ROOT / "bench" / "wrk_payments.lua"), f"http://127.0.0.1:{port}/payments",
-         "--", API_KEY, str(lo), "10000", "0", "0", str(seed)],
+         "--", API_KEY, str(lo), "10000", "0", "0", str(seed), str(think_ms)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name, (_, port) in procs.items()}
     out = {name: load.communicate()[0] for name, load in loads.items()}
     got = {}

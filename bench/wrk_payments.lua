@@ -13,13 +13,14 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
-local lo, n, hot, batch
+local lo, n, hot, batch, think_ms
 
 function init(args)
   wrk.method = "POST"
   wrk.headers["Authorization"] = "Bearer " .. args[1]
   wrk.headers["Content-Type"] = "application/json"
   lo, n, hot, batch = tonumber(args[2]), tonumber(args[3]), tonumber(args[4]), tonumber(args[5])
+  think_ms = tonumber(args[7] or "0")  -- a pause before every request (bench.side_by_side)
   math.randomseed(tonumber(args[6]) * 1000 + thread_id)
 end
 
@@ -52,7 +53,7 @@ function delay()
     backoffs = backoffs - 1
     return BACKOFF_MS
   end
-  return 0
+  return think_ms
 end
 
 local function item(use_hot)
