@@ -14,6 +14,11 @@ serves a request, never whether or in what order: one connection's requests are 
 one after another, and a queued connection waits at most one request (or `LINGER_S`) more than
 in gthread. A stopping worker (`alive` false, max_requests included) lets go after the request
 in hand.
+
+It also sends each response's head and body in one `send` instead of two (gunicorn writes the
+head as soon as the body's first chunk is due): one TCP segment, and one wake-up of the client,
+fewer per response. ~0.06 ms of an API process's CPU per GET /health (0.68-0.77 -> 0.62-0.71 ms,
+bench/NOTES.md).
 """
 from __future__ import annotations
 
@@ -42,6 +47,15 @@ class Worker(ThreadWorker):
             self._queued += 1
         super().enqueue_req(conn)
 
+    def handle_request(self, req, conn):
+        sock = conn.sock
+        conn.sock = _HeadWithBody(sock)
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            conn.sock.flush()
+            conn.sock = sock
+
     def handle(self, conn):
         with self._queued_lock:
             self._queued -= 1
@@ -64,3 +78,36 @@ def _readable(sock, timeout_s: float) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(timeout_s * 1000))
+
+
+class _HeadWithBody:
+    """The connection's socket while one response is written: the response's first `sendall`,
+    its head (gunicorn's Response writes the status line and headers before any body byte), is
+    held and sent with the next one. Anything else asked of the socket (`send`, `sendfile`,
+    `fileno`, ...) sends what is held first, so bytes always leave in the order written."""
+
+    __slots__ = ("_sock", "_held", "_first")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._held = b""
+        self._first = True
+
+    def sendall(self, data):
+        if self._first:
+            self._first = False
+            self._held = bytes(data)
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._sock.sendall(data)
+
+    def flush(self):
+        if self._held:
+            held, self._held = self._held, b""
+            self._sock.sendall(held)
+
+    def __getattr__(self, name):
+        self.flush()
+        self._first = False
+        return getattr(self._sock, name)

@@ -8,9 +8,10 @@ import threading
 import httpx
 import pytest
 
+from api.http_worker import _HeadWithBody
 from tests.support import processes
 
-pytestmark = pytest.mark.processes
+pytestmark = pytest.mark.processes  # the unit tests of _HeadWithBody below need none, but are few
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,63 @@ def test_a_busy_connection_does_not_keep_the_thread_from_another(one_thread_api)
         busy.close()
     assert answered_before_other < total, "the other connection waited for all the busy one's requests"
     assert answered == total
+
+
+def test_a_response_without_a_body_is_sent_whole(one_thread_api):
+    # HEAD: gunicorn writes the head and no body, so the held head leaves when the request ends.
+    with httpx.Client(base_url=one_thread_api, timeout=10) as client:
+        head = client.head("/health")
+        after = client.get("/health")  # same connection: nothing of the HEAD left over on it
+    assert head.status_code == 200 and head.content == b""
+    assert after.status_code == 200 and after.json() == {"status": "ok"}
+
+
+def test_an_error_answer_has_its_head_and_body(one_thread_api):
+    with httpx.Client(base_url=one_thread_api, timeout=10) as client:
+        response = client.get("/payments")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+class _RecordingSocket:
+    def __init__(self):
+        self.sent: list[bytes] = []
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+
+    def sendfile(self, file, offset=0, count=None):
+        self.sent.append(b"<file>")
+
+
+def test_the_head_leaves_with_the_first_body_bytes():
+    sock = _RecordingSocket()
+    wrapped = _HeadWithBody(sock)
+    wrapped.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert sock.sent == []
+    wrapped.sendall(b"body")
+    wrapped.sendall(b"more")
+    wrapped.flush()
+    assert sock.sent == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"more"]
+
+
+def test_a_head_alone_leaves_on_flush():
+    sock = _RecordingSocket()
+    wrapped = _HeadWithBody(sock)
+    wrapped.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    wrapped.flush()
+    wrapped.flush()
+    assert sock.sent == [b"HTTP/1.1 204 No Content\r\n\r\n"]
+
+
+def test_any_other_use_of_the_socket_sends_the_head_first():
+    # gunicorn's sendfile path writes the head, then hands the file to the socket itself.
+    sock = _RecordingSocket()
+    wrapped = _HeadWithBody(sock)
+    wrapped.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+    wrapped.sendfile(None)
+    wrapped.sendall(b"\r\n")
+    assert sock.sent == [b"HTTP/1.1 200 OK\r\n\r\n", b"<file>", b"\r\n"]
 
 
 def _port(url: str) -> int:
