@@ -10,9 +10,9 @@
    `--worker-concurrency` with `--worker-pool`), and beat (the sweeper).
 5. Scenarios, each on the same database one after the other, each drained before the next:
    uniform single payments, single payments from one hot buyer, non-atomic batches of 100, all
-   at `--clients` concurrent connections sending as fast as they are answered (wrk, else an
-   aiohttp client in this process); then 'paced': uniform single payments offered at a fixed
-   rate (aiohttp), half of what 'uniform' sustained (or `--paced-rate`), the latency a client
+   at `--clients` concurrent connections sending as fast as they are answered (wrk, else the
+   Python client of bench/load.py in this process); then 'paced': uniform single payments
+   offered at a fixed rate (the Python client), half of what 'uniform' sustained (or `--paced-rate`), the latency a client
    sees when the system is not saturated.
    'idle' (run first, on the quiet system; bench/idle.py): single payments one at a time, each
    polled until terminal: the time from POST to the poll that sees it (target: median < 50 ms).
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-loglevel", default="INFO")
     p.add_argument("--worker-arg", action="append", default=[], help="extra celery worker argument")
     p.add_argument("--loadgen", choices=("auto", "python", "wrk"), default="auto",
-                   help="auto: wrk (with bench/wrk_payments.lua) when on PATH, else the aiohttp client")
+                   help="auto: wrk (with bench/wrk_payments.lua) when on PATH, else the Python client (bench/load.py)")
     p.add_argument("--no-beat", action="store_true", help="do not run beat (the sweeper)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the API and workers, e.g. WALLET_DISPATCH_WINDOW_MS=5")
@@ -151,7 +151,7 @@ def machine_facts(engine, broker_url: str) -> dict:
     from importlib.metadata import version
     packages = {}
     for name in ("celery", "kombu", "flask", "gunicorn", "sqlalchemy", "psycopg2-binary", "redis",
-                 "aiohttp", "pgserver"):
+                 "pgserver"):
         try:
             packages[name] = version(name)
         except Exception:
@@ -360,7 +360,7 @@ class Bench:
         with engine.connect() as conn:
             first_id = conn.execute(text("SELECT coalesce(max(id), 0) + 1 FROM payments")).scalar_one()
         log(f"scenario '{name}': {a.clients} clients, {a.duration} s (warm-up {a.warmup} s),"
-            f" load generator {'wrk' if use_wrk else 'aiohttp'}"
+            f" load generator {'wrk' if use_wrk else 'python'}"
             + (f", paced at {rate:g}/s" if rate else ""))
         cpu_before, sys_before = self.cpu.snapshot(), psutil.cpu_times()
         if use_wrk:
@@ -403,7 +403,7 @@ class Bench:
             log(f"  not drained after {a.drain_timeout} s")
 
         out = {"name": name, "path": path, "payments_per_request": per_request,
-               "loadgen": "wrk" if use_wrk else "aiohttp",
+               "loadgen": "wrk" if use_wrk else "python",
                "window_s": round(window_end - window_start, 3)}
         if rate:
             out["offered_per_s"] = rate
@@ -455,7 +455,7 @@ class Bench:
         if problem and a.loadgen == "wrk":
             raise SystemExit(f"--loadgen wrk: {problem}")
         if problem and not getattr(self, "_told", False):
-            log(f"load generator: the aiohttp client ({problem})")
+            log(f"load generator: the Python client ({problem})")
             self._told = True
         return problem is None
 

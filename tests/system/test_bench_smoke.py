@@ -65,9 +65,9 @@ def test_bench_smoke_writes_every_field(tmp_path, services, loadgen):
             assert LATENCY_FIELDS <= set(s[key]) and s[key]["p50"] <= s[key]["p99"], (name, key)
         assert s["ratio_to_reference"] == pytest.approx(  # rounded to 3 places
             s["completed_per_s"] / s["reference_tps"], rel=0.01, abs=0.0005)
-        kind = "aiohttp" if loadgen == "python" or name == "paced" else "wrk"  # wrk cannot pace
+        kind = "python" if loadgen == "python" or name == "paced" else "wrk"  # wrk cannot pace
         assert s["load_generator"]["cpu_s"] > 0 and s["load_generator"]["kind"] == kind
-        if kind == "aiohttp":
+        if kind == "python":
             # Every payment accepted by HTTP is in the database (wrk abandons the requests in
             # flight when it stops, so its count can be short of the database's).
             assert s["payments"] == s["http_statuses"].get("202", 0) * s["payments_per_request"], name
