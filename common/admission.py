@@ -10,6 +10,12 @@ what it admits itself in between, so several processes together may overshoot it
 admit within one refresh. A refusal is never based on a stale count: before refusing, the count
 is read again if it is older than `recheck_s` (the backlog may have drained since).
 
+A request that fits is never kept waiting for that read: once the count is `refresh_s` old, a
+background thread reads it again while requests go on with the last one; only a count older
+than twice that (or never read) is read in the request. Read in the request, the count was the
+slow tail of acceptance at `paced`: one request in ~17 paid for it, and after a burst of batches
+the count of a bloated index took up to ~50 ms (bench/NOTES.md, 2026-12-02 late).
+
 A request that does not fit waits for room, up to `wait_s`, before it is refused: the backlog
 drains by a batch's worth every few tens of milliseconds, and a refused client sends its whole
 request again (about 2 ms of the API's CPU for a batch of 100 the first time, and a request's
@@ -22,7 +28,9 @@ new request never overtakes one that waits.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -31,6 +39,8 @@ from sqlalchemy import text
 
 from common.db import Database
 from common.errors import Overloaded
+
+log = logging.getLogger("wallet.admission")
 
 
 class _Waiter:
@@ -57,6 +67,9 @@ class Admission:
         self._read_at = -math.inf  # never read
         self._reading = threading.Lock()
         self._counting = threading.Lock()  # guards _pending and _queue; never held across I/O
+        self._refresher_pid: int | None = None  # the process whose refresher thread runs
+        self._refresh = threading.Event()
+        self._failure_logged_at = -math.inf
 
     @property
     def waiting(self) -> int:
@@ -69,11 +82,14 @@ class Admission:
         backlog admits anything (a batch larger than the bound is slow, never refused)."""
         if not self.max_pending:
             return
-        for max_age_s in (self._refresh_s, self._recheck_s):  # a refusal is never on a stale count
-            self._read(max_age_s)
-            with self._counting:
-                if not self._queue and self._take(count):
-                    return
+        self._refresh_in_time()
+        with self._counting:
+            if not self._queue and self._take(count):
+                return
+        self._read(self._recheck_s)  # a refusal is never on a stale count
+        with self._counting:
+            if not self._queue and self._take(count):
+                return
         with self._counting:
             if self._wait_s <= 0 or len(self._queue) >= self._max_waiting:
                 raise self._overloaded()
@@ -102,6 +118,36 @@ class Admission:
         return Overloaded(
             f"{self._pending} payments are waiting to be applied (limit {self.max_pending}); retry shortly",
             {"pending": self._pending, "max_pending": self.max_pending})
+
+    def _refresh_in_time(self) -> None:
+        """Keep the count at most `refresh_s` old without making the request wait for it, unless
+        it is older than twice that (or was never read): then it is read here."""
+        age_s = time.monotonic() - self._read_at
+        if age_s >= 2 * self._refresh_s:
+            self._read(0)
+        elif age_s >= self._refresh_s:
+            self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        if self._refresher_pid != os.getpid():  # gunicorn forks after the app is built
+            with self._counting:
+                if self._refresher_pid != os.getpid():
+                    self._refresh = threading.Event()
+                    threading.Thread(target=self._refresh_loop, args=(self._refresh,),
+                                     name="wallet-admission", daemon=True).start()
+                    self._refresher_pid = os.getpid()
+        self._refresh.set()
+
+    def _refresh_loop(self, wake: threading.Event) -> None:
+        while True:
+            wake.wait()
+            wake.clear()
+            try:
+                self._read(self._refresh_s)
+            except Exception:  # the database is down: the requests' own statements will say so
+                if time.monotonic() - self._failure_logged_at > 10:
+                    self._failure_logged_at = time.monotonic()
+                    log.warning("could not count the pending payments", exc_info=True)
 
     def _read(self, max_age_s: float) -> None:
         if time.monotonic() - self._read_at >= max_age_s and self._reading.acquire(blocking=False):

@@ -70,6 +70,37 @@ def test_rereads_before_refusing(own_db):
     admission.admit(1)  # about to refuse on its stale count, it reads again: 0 pending
 
 
+def test_a_request_that_fits_does_not_wait_for_the_recount(own_db):
+    # Once the count is refresh_s old, it is read again in the background: the request that
+    # fits goes on with the last count (read in the request, that read was acceptance's slow tail).
+    make_pending(own_db, 1)
+    admission = Admission(own_db, max_pending=100, refresh_s=2.0)
+    admission.admit(1)  # never read: read in the request
+    read_at = admission._read_at
+    locker = own_db.engine.connect()
+    tx = locker.begin()
+    locker.execute(text("LOCK TABLE payments IN ACCESS EXCLUSIVE MODE"))  # a recount now waits
+    try:
+        _until(lambda: time.monotonic() - read_at >= 2.0)  # refresh_s old, not yet twice that
+        thread, outcome = _admit_in_thread(admission, 1)
+        thread.join(5)
+        assert outcome == ["admitted"], "the request waited for the recount"
+        assert admission._read_at == read_at  # the recount it started is still waiting
+    finally:
+        tx.rollback()
+        locker.close()
+    _until(lambda: admission._read_at > read_at)  # and counts once the table is free
+
+
+def test_a_count_twice_refresh_old_is_read_in_the_request(own_db):
+    admission = Admission(own_db, max_pending=4, refresh_s=0.05)
+    admission.admit(1)  # reads 0
+    make_pending(own_db, 4)
+    _until(lambda: time.monotonic() - admission._read_at >= 0.1)
+    with pytest.raises(Overloaded):
+        admission.admit(1)  # reads 4 pending first: refused on it
+
+
 def _admit_in_thread(admission: Admission, count: int):
     """admission.admit(count) in a thread; returns (thread, outcome list: "admitted" or the error)."""
     outcome = []
