@@ -17,8 +17,8 @@ in hand.
 
 It also sends each response's head and body in one `send` instead of two (gunicorn writes the
 head as soon as the body's first chunk is due): one TCP segment, and one wake-up of the client,
-fewer per response. ~0.06 ms of an API process's CPU per GET /health (0.68-0.77 -> 0.62-0.71 ms,
-bench/NOTES.md).
+fewer per response; ~0.04-0.07 ms less of an API process's CPU a request (bench/NOTES.md,
+2026-12-02 late).
 """
 from __future__ import annotations
 

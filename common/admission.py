@@ -14,7 +14,7 @@ A request that fits is never kept waiting for that read: once the count is `refr
 background thread reads it again while requests go on with the last one; only a count older
 than twice that (or never read) is read in the request. Read in the request, the count was the
 slow tail of acceptance at `paced`: one request in ~17 paid for it, and after a burst of batches
-the count of a bloated index took up to ~50 ms (bench/NOTES.md, 2026-12-02 late).
+the count over a bloated index took 40-108 ms at times (bench/NOTES.md, 2026-12-02 late).
 
 A request that does not fit waits for room, up to `wait_s`, before it is refused: the backlog
 drains by a batch's worth every few tens of milliseconds, and a refused client sends its whole
