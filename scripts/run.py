@@ -54,6 +54,11 @@ def main(cluster=None) -> int:
         print("stopping...", flush=True)
         return 0
     finally:
+        # Nothing may cut the clean-up short: a second signal (make passes its SIGTERM on to this
+        # process, so a SIGTERM to the process group arrives twice; Ctrl-C pressed again) would
+        # leave the embedded PostgreSQL running. The clean-up is bounded by the waits below.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
