@@ -1,6 +1,6 @@
-"""`make run` (scripts/run.py) stops everything it started, the embedded PostgreSQL included, even
-when the stop signal comes twice (as when a supervisor signals the whole process group and make
-passes its own SIGTERM on)."""
+"""`make run` (scripts/run.py) stops everything it started, the embedded PostgreSQL and Redis
+included, even when the stop signal comes twice (as when a supervisor signals the whole process
+group and make passes its own SIGTERM on)."""
 from __future__ import annotations
 
 import os
@@ -64,18 +64,21 @@ def test_two_sigterms_still_stop_the_embedded_postgres(tree):
         assert proc.poll() is None, (tree / "run.log").read_text(errors="replace")
         postmaster = tree / "var" / "pg" / "postmaster.pid"
         pg_pid = int(postmaster.read_text().split()[0])
-        assert _alive(pg_pid)
+        redis_pid = int((tree / "var" / "redis" / "redis.pid").read_text())
+        assert _alive(pg_pid) and _alive(redis_pid)
         os.killpg(proc.pid, signal.SIGTERM)  # the whole group: every process it started
         _until(lambda: b"stopping" in (tree / "run.log").read_bytes(), 30, "the clean-up to begin")
         os.kill(proc.pid, signal.SIGTERM)  # and again, as make passes it on
         assert proc.wait(90) == 0, (tree / "run.log").read_text(errors="replace")
         assert not _alive(pg_pid), "the embedded PostgreSQL was left running"
         assert not postmaster.exists()
+        _until(lambda: not _alive(redis_pid), 10, "the embedded Redis to stop")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         pidfile = tree / "var" / "pg" / "postmaster.pid"
-        if pidfile.exists():  # the bug this test is about: stop it anyway
+        if pidfile.exists():  # the bug this test is about: stop them anyway
             from scripts.services import Services
-            Services("", "", embedded_postgres=tree / "var" / "pg").stop()
+            Services("", "", embedded_postgres=tree / "var" / "pg",
+                     embedded_redis_pidfile=tree / "var" / "redis" / "redis.pid").stop()
