@@ -122,14 +122,14 @@ class QueueDepthCollector:
 
 class BacklogCollector:
     """`wallet_payments_pending` and `wallet_oldest_pending_age_seconds`, read from PostgreSQL at
-    scrape time with one statement: the oldest is the first entry of the partial index
-    `payments_pending_idx` (only pending rows are in it), the count a range of an index over
-    status (admission control keeps it short); never a scan of the table. And
-    `wallet_database_up`."""
+    scrape time with one statement over `open_payments` (the open payments only: admission
+    control keeps the pending ones few), joined to `payments` by primary key; never a scan of
+    `payments`. And `wallet_database_up`."""
 
-    SQL = text("SELECT (SELECT count(*) FROM payments WHERE status = 'pending') AS pending,"
-               " coalesce(extract(epoch FROM now() - (SELECT created_at FROM payments"
-               "   WHERE status = 'pending' ORDER BY created_at LIMIT 1)), 0) AS oldest")
+    SQL = text("SELECT (SELECT count(*) FROM open_payments WHERE status = 'pending') AS pending,"
+               " coalesce(extract(epoch FROM now() - (SELECT min(p.created_at)"
+               "   FROM open_payments o JOIN payments p ON p.id = o.payment_id"
+               "   WHERE o.status = 'pending')), 0) AS oldest")
 
     def __init__(self, db: Database):
         self._db = db

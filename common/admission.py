@@ -154,7 +154,7 @@ class Admission:
             try:  # one thread reads; the others go on with the last value
                 with self._db.read() as session:
                     pending = session.execute(text(
-                        "SELECT count(*) FROM payments WHERE status = 'pending'")).scalar_one()
+                        "SELECT count(*) FROM open_payments WHERE status = 'pending'")).scalar_one()
                 with self._counting:
                     self._pending = pending
                     while self._queue and self._take(self._queue[0].count):

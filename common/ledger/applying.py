@@ -53,7 +53,7 @@ _LOCK_PENDING = (
 # None of the apply statements is PREPAREd, though planning them is ~1 ms a transaction (8 % of
 # PostgreSQL's time with single payments): a generic plan is made once, from the statistics of
 # that moment, and kept. Made while `payments` was nearly empty, the write statement's reached
-# each payment through a full scan of another index (`payments_status_idx`, a condition on `id`),
+# each payment through a full scan of another index (then `payments_status_idx`, a condition on `id`),
 # and the payment locks' read every pending payment through the status index; the scaling table
 # collapsed (batch ~1,000/s, completion p99 1.4-2.7 s, bench/NOTES.md 2026-12-02 afternoon).
 _LOCK_SINGLES = text(_LOCK_PENDING.format(skip=" SKIP LOCKED", where=(

@@ -99,9 +99,11 @@ def expire_authorizations(session: Session, limit: int = EXPIRE_LIMIT) -> list[i
     """Cancel authorizations past their expiry (reason `expired`); returns their ids. Those a
     capture or cancel holds right now are skipped: that transaction decides them."""
     due = session.execute(text(
-        "SELECT id, buyer_account_id AS buyer, amount FROM payments"
-        " WHERE status = 'authorized' AND authorization_expires_at <= now()"
-        " ORDER BY id LIMIT :limit FOR NO KEY UPDATE SKIP LOCKED"
+        "SELECT p.id, p.buyer_account_id AS buyer, p.amount"
+        " FROM open_payments o JOIN payments p ON p.id = o.payment_id"
+        " WHERE o.status = 'authorized' AND o.authorization_expires_at <= now()"
+        "   AND p.status = 'authorized' AND p.authorization_expires_at <= now()"
+        " ORDER BY o.payment_id LIMIT :limit FOR NO KEY UPDATE OF p SKIP LOCKED"
     ), {"limit": limit}).all()
     if not due:
         return []

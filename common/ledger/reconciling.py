@@ -54,6 +54,17 @@ def reconcile(session: Session, *, events: bool = True) -> list[str]:
         " WHERE a.id IS NULL OR (e.payment_id IS NOT NULL AND p.id IS NULL) ORDER BY e.id"
     )):
         problems.append(f"ledger entry {row.id}: its account or its payment does not exist")
+    # open_payments is exactly the pending and authorized payments (its triggers, migration 0006).
+    for row in session.execute(text(
+        "SELECT coalesce(p.id, o.payment_id) AS id, p.status, o.status AS listed FROM"
+        " (SELECT id, status, authorization_expires_at FROM payments"
+        "  WHERE status IN ('pending', 'authorized')) p"
+        " FULL JOIN open_payments o ON o.payment_id = p.id"
+        " WHERE p.id IS NULL OR o.payment_id IS NULL OR o.status <> p.status"
+        "    OR o.authorization_expires_at IS DISTINCT FROM p.authorization_expires_at ORDER BY 1"
+    )):
+        problems.append(f"payment {row.id}: {row.status or 'not open'}, but listed in open_payments"
+                        f" as {row.listed or 'nothing'}")
     # A completed payment has two entries moving its captured amount; any other payment has none.
     for row in session.execute(text(
         "SELECT p.id, p.status, count(e.id) AS entries, coalesce(sum(e.amount) FILTER (WHERE e.amount > 0), 0) AS moved,"
