@@ -83,3 +83,40 @@ def test_apply_payments_retries_an_unreachable_database_instead_of_failing_payme
         row = s.execute(text("SELECT status, failure_code FROM payments WHERE id = :id"),
                         {"id": payment_id}).one()
     assert (row.status, row.failure_code) == ("completed", None)
+
+
+def test_apply_payments_applies_around_a_held_account_then_waits_for_it(db, through_proxy):
+    """A message of three payments, two of them on an account another transaction holds: the
+    third is applied at once (its own transaction), the two once the holder is done (another)."""
+    import threading
+
+    from scripts.procs import wait_until
+    from tests.common.test_ledger import _pairs_with_one_account_held
+    b, ids = _pairs_with_one_account_held(db)
+    ab, cd, ba = ids
+    with db.engine.connect() as other:
+        held = other.begin()
+        other.execute(text("SELECT 1 FROM accounts WHERE id = :id FOR NO KEY UPDATE"), {"id": b})
+        worker = threading.Thread(target=tasks.apply_payments.apply, args=([ids],))
+        worker.start()
+
+        def status(payment_id):
+            with db.read() as s:
+                return s.execute(text("SELECT status FROM payments WHERE id = :id"), {"id": payment_id}).scalar_one()
+
+        def waiting_for_b():
+            with db.read() as s:
+                return s.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%FROM accounts%' AND query NOT LIKE '%SKIP LOCKED%'")).scalar_one()
+        wait_until(lambda: status(cd) == "completed", 10, "the free payment to complete")
+        wait_until(waiting_for_b, 10, "the worker to wait for the held account")
+        assert status(ab) == status(ba) == "pending"
+        held.rollback()
+    worker.join(10)
+    assert not worker.is_alive()
+    with db.read() as s:
+        rows = dict(s.execute(text("SELECT id, status || ' ' || xmin::text FROM payments WHERE id = ANY(:ids)"),
+                              {"ids": ids}).all())
+    assert {r.split()[0] for r in rows.values()} == {"completed"}
+    assert rows[ab] == rows[ba] != rows[cd]  # two transactions: the free one first
