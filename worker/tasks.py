@@ -102,32 +102,19 @@ def apply_payments(self, payment_ids: list[int]) -> None:
     for start in range(0, len(payment_ids), limit):
         chunk = payment_ids[start:start + limit]
         started = time.perf_counter()
-        # The payments whose accounts no other transaction holds, then, in a transaction of
-        # their own, those it had to leave (common.ledger.applying.apply_available says why).
-        outcomes, deferred = _apply_set(db, chunk, ledger.apply_available)
-        if deferred:
-            outcomes = sorted(outcomes + _apply_set(db, deferred, _apply_waiting)[0],
-                              key=lambda o: o.payment_id)
+        try:
+            outcomes = db.unit_of_work(lambda session: ledger.apply_payments(session, chunk))
+        except Exception as exc:
+            if _unavailable(exc):
+                raise  # WalletTask retries the message
+            # One of them (or more) cannot be applied: apply them one by one, so that the others
+            # complete, and fail only what fails on its own.
+            log.warning("applying %d payments failed (%s); applying them one by one",
+                        len(chunk), _describe(exc))
+            outcomes = [o for payment_id in chunk for o in _apply_alone(db, payment_id)]
         metrics.APPLY_LATENCY.labels(APPLY_PAYMENTS).observe(time.perf_counter() - started)
         metrics.record_outcomes(APPLY_PAYMENTS, outcomes)
         _log_outcomes(outcomes, lambda payment_id: request_ids.get(str(payment_id)))
-
-
-def _apply_waiting(session, ids: list[int]) -> tuple[list[ledger.Outcome], list[int]]:
-    return ledger.apply_payments(session, ids), []
-
-
-def _apply_set(db: Database, ids: list[int], apply) -> tuple[list[ledger.Outcome], list[int]]:
-    """(outcomes, deferred) of `apply` in one transaction."""
-    try:
-        return db.unit_of_work(lambda session: apply(session, ids))
-    except Exception as exc:
-        if _unavailable(exc):
-            raise  # WalletTask retries the message
-        # One of them (or more) cannot be applied: apply them one by one, so that the others
-        # complete, and fail only what fails on its own.
-        log.warning("applying %d payments failed (%s); applying them one by one", len(ids), _describe(exc))
-        return [o for payment_id in ids for o in _apply_alone(db, payment_id)], []
 
 
 @shared_task(name=APPLY_ATOMIC_BATCH, base=WalletTask, bind=True)

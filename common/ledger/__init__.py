@@ -22,9 +22,7 @@ from common.ledger.accepting import (
     payment_problems, submit_batch, submit_payment, submit_payments,
 )
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
-from common.ledger.applying import (
-    Outcome, apply_as_one_set, apply_atomic_batch, apply_available, apply_payments,
-)
+from common.ledger.applying import Outcome, apply_as_one_set, apply_atomic_batch, apply_payments
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, Currency, parse_amount
 from common.ledger.directory import AccountDirectory
 from common.ledger.events import record_batch_finished, record_payment_events
@@ -36,8 +34,7 @@ from common.ledger.refunds import refund_payment
 
 __all__ = [
     "PAYMENT_COLUMNS", "WIDEST_CURRENCY", "AccountDirectory", "Currencies", "Currency", "IdempotencyKey", "Outcome",
-    "PaymentRequest", "accept_payment", "apply_as_one_set", "apply_atomic_batch", "apply_available",
-    "apply_payments",
+    "PaymentRequest", "accept_payment", "apply_as_one_set", "apply_atomic_batch", "apply_payments",
     "batch_refused", "cancel_payment", "capture_payment", "check_payment", "check_payments",
     "create_account", "expire_authorizations", "fail_payments", "idempotent", "issuance_account_id",
     "open_account", "parse_amount", "payment_problems", "reconcile", "record_batch_finished",

@@ -1,10 +1,9 @@
 """Applying accepted payments, in the worker's transactions.
 
 Locking discipline (what makes concurrent application race-free and deadlock-free):
-payments are locked before accounts, and accounts before batches (common.ledger.events
-.settle_batches, last before the commit), each set in ascending id order, accounts with
+payments are locked before accounts, each set in ascending id order, accounts with
 `FOR NO KEY UPDATE` (which does not block the `FOR KEY SHARE` locks that foreign-key checks
-take). The worker's first transaction for a set (`apply_available`) waits for no account at all. Captures, cancels and expiries (common.ledger.holds) lock their
+take). Captures, cancels and expiries (common.ledger.holds) lock their
 payments first and then their accounts too; a completed refund also updates its original payment,
 after the accounts, and the refund request (common.ledger.refunds) locks that original without
 waiting for any account lock, so no cycle can form.
@@ -27,7 +26,7 @@ from sqlalchemy.orm import Session
 from common import money, pgarray
 from common.errors import FailureCode
 from common.ledger.entries import INSERT_ENTRIES, entry_params
-from common.ledger.events import APPLY_EVENTS, settle_batches
+from common.ledger.events import APPLY_EVENTS, record_batch_finished
 
 
 @dataclass(frozen=True)
@@ -87,41 +86,12 @@ def apply_payments(session: Session, payment_ids: Sequence[int]) -> list[Outcome
     return _apply(session, payments, atomic=False)
 
 
-def apply_available(session: Session, payment_ids: Sequence[int]) -> tuple[list[Outcome], list[int]]:
-    """`apply_payments`, waiting for no account: a payment one of whose accounts another
-    transaction holds right now is left pending, and its id returned in the second list
-    (deferred), for the caller to apply in a transaction of its own after this one.
-
-    Why: two workers' sets of payments over the same accounts share a few of them (sets of 500
-    over 10,000 accounts share ~100), and waiting for the first shared one made the second
-    worker wait for the whole of the first's transaction: in the batch scenario a worker's
-    backend was waiting on an account lock in ~40 % of the samples (bench/NOTES.md, 2026-12-03).
-    Payments of one account pair share their accounts, so they are all deferred or none: their
-    order holds. Payments of different pairs are never ordered (they may be in different queues).
-    """
-    session.execute(_NO_SEQSCAN)
-    payments = session.execute(_LOCK_SINGLES, {"ids": pgarray.integers(payment_ids)}).all()
-    if not payments:
-        return [], []
-    accounts = _Accounts.lock(session, {i for p in payments for i in (p.buyer, p.seller)}, skip_locked=True)
-    held = accounts.rows
-    ready = [p for p in payments if p.buyer in held and p.seller in held]
-    deferred = [p.id for p in payments if not (p.buyer in held and p.seller in held)]
-    return _apply(session, ready, atomic=False, accounts=accounts), deferred
-
-
 def apply_atomic_batch(session: Session, batch_id: int) -> list[Outcome]:
     """All payments of an atomic batch complete together, or all fail together."""
     # No SKIP LOCKED here: an atomic batch must see all of its payments, so it waits.
     session.execute(_NO_SEQSCAN)
     payments = session.execute(_LOCK_BATCH, {"batch_id": batch_id}).all()
     return _apply(session, payments, atomic=True)
-
-
-_LOCK_ACCOUNTS_SQL = ("SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
-                      " ORDER BY id FOR NO KEY UPDATE")
-_LOCK_ACCOUNTS = text(_LOCK_ACCOUNTS_SQL)
-_LOCK_ACCOUNTS_SKIP = text(_LOCK_ACCOUNTS_SQL + " SKIP LOCKED")
 
 
 @dataclass
@@ -132,11 +102,11 @@ class _Accounts:
     held: dict[int, Decimal]
 
     @classmethod
-    def lock(cls, session: Session, account_ids: Sequence[int], skip_locked: bool = False) -> "_Accounts":
-        """skip_locked: only the accounts no other transaction holds (rows leaves the others out)."""
-        rows = {row.id: row for row in session.execute(
-            _LOCK_ACCOUNTS_SKIP if skip_locked else _LOCK_ACCOUNTS,
-            {"ids": pgarray.integers(sorted(account_ids))})}
+    def lock(cls, session: Session, account_ids: Sequence[int]) -> "_Accounts":
+        rows = {row.id: row for row in session.execute(text(
+            "SELECT id, balance, held, status FROM accounts WHERE id = ANY(CAST(:ids AS bigint[]))"
+            " ORDER BY id FOR NO KEY UPDATE"
+        ), {"ids": pgarray.integers(sorted(account_ids))})}
         return cls(rows, {i: r.balance for i, r in rows.items()}, {i: r.held for i, r in rows.items()})
 
     def available(self, account_id: int) -> Decimal:
@@ -151,13 +121,10 @@ class _Accounts:
                 if (self.balance[i], self.held[i]) != (r.balance, r.held)]
 
 
-def _apply(session: Session, payments: Sequence[Any], *, atomic: bool,
-           accounts: _Accounts | None = None) -> list[Outcome]:
-    """accounts: already locked by the caller (all of these payments' accounts among them)."""
+def _apply(session: Session, payments: Sequence[Any], *, atomic: bool) -> list[Outcome]:
     if not payments:
         return []
-    if accounts is None:
-        accounts = _Accounts.lock(session, {i for p in payments for i in (p.buyer, p.seller)})
+    accounts = _Accounts.lock(session, {i for p in payments for i in (p.buyer, p.seller)})
     outcomes, entries, refunded = [], [], defaultdict(Decimal)
     with localcontext(money.MONEY_CONTEXT):
         for p in payments:
@@ -226,7 +193,7 @@ def _write(session: Session, changed: Sequence[tuple[int, Decimal, Decimal]], en
             **params, "originals": list(refunded), "refunded": list(refunded.values())}))
     else:
         result = session.execute(_WRITE_PLAIN, _WRITE_ARRAYS(params))
-    settle_batches(session, dict(result.all()))
+    record_batch_finished(session, result.scalars().all())
 
 
 def _refusal(p: Any, accounts: _Accounts) -> FailureCode | None:

@@ -5,10 +5,9 @@ transaction that makes the change (SPEC section 10), rendered in SQL from the ch
   .applying adds `APPLY_EVENTS` to its one write statement: one set-based INSERT per message);
 - payment.completed (capture), payment.canceled (cancel, expiry): common.ledger.holds;
 - batch.finished: when a batch has no `pending` payment left. `batches.settled` counts the
-  payments that left `pending` (`settle_batches`); the UPDATE that brings it to `total` holds the
-  batch row, so of two transactions finishing a batch's last payments at once only the second
-  (which waited for the first's commit and read its count) sees `settled = total`: exactly one
-  event per batch.
+  payments that left `pending`; the UPDATE that brings it to `total` holds the batch row, so of
+  two transactions finishing a batch's last payments at once only the second (which waited for
+  the first's commit and read its count) sees `settled = total`: exactly one event per batch.
 
 The object is rendered here in SQL as api/render.py renders it in Python; a test compares an
 event's object with GET /payments/<id> (and /batches/<id>) for every status.
@@ -73,16 +72,21 @@ BATCH_OBJECT = (
 
 
 def _events_of(changed: str, settled: bool) -> str:
-    """A CTE to append to a statement whose CTE `changed` returns the changed payments rows (after
-    the change), then the final SELECT: with `settled`, (batch id, number of its payments that
-    left `pending`), for `settle_batches`."""
+    """CTEs to append to a statement whose CTE `changed` returns the changed payments rows (after
+    the change), then the final SELECT: the ids of the batches this statement finished."""
+    progress = (
+        ", batch_progress AS ("
+        "  UPDATE batches b SET settled = b.settled + s.n"
+        f"  FROM (SELECT batch_id, count(*) AS n FROM {changed} WHERE batch_id IS NOT NULL"
+        "        GROUP BY batch_id) s"
+        "  WHERE b.id = s.batch_id RETURNING b.id, b.settled = b.total AS finished)"
+    ) if settled else ""
     return (
-        ", payment_events AS ("
+        f"{progress}, payment_events AS ("
         "  INSERT INTO events (type, object_id, object)"
         f"  SELECT 'payment.' || p.status, p.id, {PAYMENT_OBJECT}"
         f"  FROM {changed} p JOIN currencies c ON c.id = p.currency_id ORDER BY p.id RETURNING 1)"
-        + (f" SELECT batch_id, count(*) AS n FROM {changed} WHERE batch_id IS NOT NULL GROUP BY batch_id"
-           if settled else " SELECT 0, 0 WHERE false")
+        + (" SELECT id FROM batch_progress WHERE finished" if settled else " SELECT 0 WHERE false")
     )
 
 
@@ -105,30 +109,8 @@ def record_payment_events(session: Session, payment_ids: Sequence[int], *, settl
     statement (e.g. failing one with internal_error): call it once with their ids."""
     if not payment_ids:
         return
-    settle_batches(session, dict(session.execute(_RECORD[settled], {"ids": sorted(payment_ids)}).all()))
-
-
-# The batch rows are locked in id order, by a statement of their own at the end of the
-# transaction: two workers' transactions often settle payments of the same batches, and a batch
-# row locked inside the large write statement was held, and waited for, through all of it (and
-# locked in the plan's order, which two transactions need not share).
-_LOCK_BATCHES = text("SELECT id FROM batches WHERE id = ANY(:ids) ORDER BY id FOR NO KEY UPDATE")
-_SETTLE_BATCHES = text(
-    "UPDATE batches b SET settled = b.settled + v.n"
-    " FROM unnest(CAST(:ids AS bigint[]), CAST(:counts AS integer[])) AS v(id, n)"
-    " WHERE b.id = v.id AND b.id = ANY(CAST(:ids AS bigint[])) RETURNING b.id, b.settled = b.total AS finished")
-
-
-def settle_batches(session: Session, settled: Mapping[int, int]) -> None:
-    """Count `settled[batch id]` more payments of each batch out of `pending`, and write
-    batch.finished for those this brings to their total. Call it last before the commit: it holds
-    the batch rows until then."""
-    if not settled:
-        return
-    ids = sorted(settled)
-    session.execute(_LOCK_BATCHES, {"ids": ids}).all()
-    rows = session.execute(_SETTLE_BATCHES, {"ids": ids, "counts": [settled[i] for i in ids]}).all()
-    record_batch_finished(session, [row.id for row in rows if row.finished])
+    finished = session.execute(_RECORD[settled], {"ids": sorted(payment_ids)}).scalars().all()
+    record_batch_finished(session, finished)
 
 
 _BATCH_COUNTS = (

@@ -171,7 +171,7 @@ def _wait_for_lock_waiter(db, marker):
 
 def test_two_transactions_finishing_a_batch_at_once_write_one_batch_finished(db):
     """The first applies one of the batch's two payments and stays open; the second applies the
-    other and must wait on the batch row (settle_batches); the first commits. One batch.finished, by the second,
+    other and must wait on the batch row; the first commits. One batch.finished, by the second,
     with both payments counted (a check of "no pending payment left" in each transaction's own
     snapshot would see the other's payment pending in both, and write none)."""
     batch_id, (a, b) = _committed_batch(db)
@@ -192,7 +192,7 @@ def test_two_transactions_finishing_a_batch_at_once_write_one_batch_finished(db)
 
     thread = threading.Thread(target=second)
     thread.start()
-    _wait_for_lock_waiter(db, "SELECT id FROM batches")  # settle_batches, last before the commit
+    _wait_for_lock_waiter(db, "WITH balances AS")  # the apply statement (its text is cut at 1 kB)
     s1.flush()
     trans.commit()
     first.close()

@@ -294,33 +294,3 @@ def test_apply_never_scans_a_table_whatever_the_planner_costs(session, currencie
     outcomes = ledger.apply_payments(session, payments)
     assert [o.status for o in outcomes] == ["completed"] * 6
     assert seq_scans() == before
-
-
-def _pairs_with_one_account_held(db):
-    """Payments a->b, c->d, b->a (committed), and another connection holding account b locked."""
-    def setup(s):
-        currencies = ledger.Currencies.load(s)
-        usd = currencies.by_id[1]
-        a, b, c, d = (ledger.create_account(s, usd, f"held-{n}", Decimal("10")) for n in "abcd")
-        rows = ledger.submit_payments(s, currencies, [
-            ledger.PaymentRequest(a, b, "1"), ledger.PaymentRequest(c, d, "1"), ledger.PaymentRequest(b, a, "2")])
-        return b, [r["id"] for r in rows]
-    return db.unit_of_work(setup)
-
-
-def test_apply_available_leaves_the_payments_of_a_held_account_pending(db):
-    """Another transaction holds account b: apply_available applies c->d without waiting, and
-    returns a->b and b->a, still pending, as deferred; applied afterwards, they complete in order."""
-    b, (ab, cd, ba) = _pairs_with_one_account_held(db)
-    with db.engine.connect() as other:
-        held = other.begin()
-        other.execute(text("SELECT 1 FROM accounts WHERE id = :id FOR NO KEY UPDATE"), {"id": b})
-        outcomes, deferred = db.unit_of_work(lambda s: ledger.apply_available(s, [ab, cd, ba]))
-        assert [(o.payment_id, o.status) for o in outcomes] == [(cd, "completed")]
-        assert deferred == [ab, ba]
-        with db.read() as s:
-            assert s.execute(text("SELECT status FROM payments WHERE id = ANY(:ids) ORDER BY id"),
-                             {"ids": [ab, ba]}).scalars().all() == ["pending", "pending"]
-        held.rollback()
-    outcomes = db.unit_of_work(lambda s: ledger.apply_payments(s, deferred))
-    assert [(o.payment_id, o.status) for o in outcomes] == [(ab, "completed"), (ba, "completed")]
