@@ -35,3 +35,15 @@ def sweep(db: Database, sender: Sender, older_than_seconds: float) -> int:
 def expire(db: Database) -> int:
     """Cancel (reason `expired`) the authorizations past their expiry; returns how many."""
     return len(db.unit_of_work(ledger.expire_authorizations))
+
+
+def vacuum_open_payments(db: Database) -> None:
+    """`open_payments` is a queue table: nearly every payment's row is inserted and deleted within
+    a second, so its dead rows pile up between autovacuum's visits (`autovacuum_naptime`, a minute
+    by default): 185,000 of them and 926 pages after 30 s of batches, which admission's count and
+    the sweeper read through (bench/NOTES.md, 2026-12-02 midnight). The sweeper vacuums it at each
+    run instead, a few milliseconds. SKIP_LOCKED: a vacuum already at it (autovacuum's) is not
+    waited for."""
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM (SKIP_LOCKED) open_payments"))
+

@@ -229,6 +229,7 @@ def sweep(self) -> None:
     expired = sweeper.expire(db)
     if expired:
         log.info("canceled %d expired authorizations", expired)
+    sweeper.vacuum_open_payments(db)
 
 
 def _log_outcomes(outcomes: list[ledger.Outcome], request_id_of, **fields) -> None:

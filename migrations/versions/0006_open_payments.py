@@ -7,8 +7,13 @@ payments_status_idx, and the partial payments_pending_idx and payments_authorize
 PostgreSQL writes a new entry into every index of the table for it (six here), and vacuum later
 removes as many dead ones. Without them, and with room left on each page for the new version
 (fillfactor 45: a batch's rows fill pages together and are applied together), the UPDATE is
-heap-only: no index entry at all. PostgreSQL's CPU in applying a payment went from ~80 to ~57 us
-in sets of 500 (bench/NOTES.md, 2026-12-03).
+heap-only: no index entry at all. PostgreSQL's CPU to apply a payment, in sets of 500: 63-87 us
+before, 47-62 us after (in-process pairs); per batch payment in `make bench`, accepting and
+applying, 0.137-0.138 ms before and 0.094-0.108 ms after (bench/NOTES.md, 2026-12-02 midnight).
+
+The price: the heap keeps room on every page (about twice the pages once vacuumed; the indexes
+are smaller, with no second entry per payment), and each accepting statement runs the insert
+trigger (~25-50 us of PostgreSQL, noticeable only for single payments).
 
 What finds the open payments now:
 - `open_payments` holds one row per payment whose status is `pending` or `authorized`, with that

@@ -102,3 +102,28 @@ def test_sweep_sends_stale_pending_payments_once_per_period(own):
     # A period later, the still-pending ones are due again.
     db.unit_of_work(lambda s: s.execute(text("UPDATE payments SET swept_at = swept_at - interval '1 minute'")))
     assert sweep(db, sender, older_than_seconds=10) == 6
+
+
+def test_vacuum_open_payments_leaves_only_the_open_rows(own):
+    """Applied payments leave dead rows in open_payments (a queue table); the sweeper's vacuum
+    removes them, so that counting the pending ones stops reading them: here every page but the
+    first (the one pending payment's) empties, and is given back."""
+    from common.sweeper import vacuum_open_payments
+    db = own[0]
+
+    def churn(s):
+        currencies = ledger.Currencies.load(s)
+        usd = currencies.by_id[1]
+        a, b = (ledger.create_account(s, usd, n, Decimal("10000")) for n in "ab")
+        ids = [r["id"] for r in ledger.submit_payments(s, currencies, [ledger.PaymentRequest(a, b, "1")] * 2000)]
+        ledger.apply_payments(s, ids[1:])  # the first stays pending
+    db.unit_of_work(churn)
+
+    def pages_and_pending():
+        with db.read() as s:
+            return s.execute(text("SELECT pg_relation_size('open_payments') / 8192,"
+                                  " (SELECT count(*) FROM open_payments)")).one()
+    pages, pending = pages_and_pending()
+    assert pages > 5 and pending == 1
+    vacuum_open_payments(db)
+    assert pages_and_pending() == (1, 1)
