@@ -1,26 +1,14 @@
 """open_payments (migration 0006): the database keeps one row per pending or authorized payment,
 whoever writes the payment, and applying a payment is a heap-only (HOT) update of its row. Each
 test in a transaction rolled back afterwards."""
-from decimal import Decimal
-
-import pytest
 from sqlalchemy import text
 
 from common import ledger
+from tests.common.test_lifecycle import currencies, open_, submit  # noqa: F401 (currencies: a fixture)
 
 
-@pytest.fixture
-def currencies(session):
-    return ledger.Currencies.load(session)
-
-
-def open_(session, currencies, amount, name="a"):
-    row, _ = ledger.open_account(session, currencies.by_id[1], name, Decimal(amount))
-    return row["id"]
-
-
-def submit(session, currencies, buyer, seller, amount, **kw):
-    return ledger.submit_payment(session, currencies, ledger.PaymentRequest(buyer, seller, amount, **kw))[0]["id"]
+def pay(session, currencies, buyer, seller, amount, **kw):
+    return submit(session, currencies, buyer, seller, amount, **kw)["id"]
 
 
 def listed(session, buyer):
@@ -32,9 +20,9 @@ def listed(session, buyer):
 
 def test_open_payments_follow_every_status_change(session, currencies):
     buyer, seller = open_(session, currencies, "100"), open_(session, currencies, "0", "b")
-    paid = submit(session, currencies, buyer, seller, "10")
-    refused = submit(session, currencies, buyer, seller, "1000")
-    held = [submit(session, currencies, buyer, seller, "5", capture_method="manual") for _ in range(3)]
+    paid = pay(session, currencies, buyer, seller, "10")
+    refused = pay(session, currencies, buyer, seller, "1000")
+    held = [pay(session, currencies, buyer, seller, "5", capture_method="manual") for _ in range(3)]
     assert listed(session, buyer) == {i: "pending" for i in [paid, refused, *held]}
 
     ledger.apply_payments(session, [paid, refused, *held])
@@ -65,7 +53,7 @@ def test_applying_a_payment_is_a_heap_only_update(session, currencies):
     the new version (fillfactor): PostgreSQL writes no index entry for it. An index on `status`
     (or on `completed_at`, `failure_code`...) would make these counts differ."""
     buyer, seller = open_(session, currencies, "100"), open_(session, currencies, "0", "b")
-    ids = [submit(session, currencies, buyer, seller, "1") for _ in range(20)]
+    ids = [pay(session, currencies, buyer, seller, "1") for _ in range(20)]
 
     def updates():  # this transaction's own counts, up to date at once
         return session.execute(text(
@@ -82,8 +70,8 @@ def test_applying_a_payment_is_a_heap_only_update(session, currencies):
 
 def test_reconcile_reports_open_payments_out_of_step(session, currencies):
     buyer, seller = open_(session, currencies, "100"), open_(session, currencies, "0", "b")
-    pending = submit(session, currencies, buyer, seller, "1")
-    done = submit(session, currencies, buyer, seller, "1")
+    pending = pay(session, currencies, buyer, seller, "1")
+    done = pay(session, currencies, buyer, seller, "1")
     ledger.apply_payments(session, [done])
     session.execute(text("DELETE FROM open_payments WHERE payment_id = :id"), {"id": pending})
     session.execute(text("INSERT INTO open_payments (payment_id, status) VALUES (:id, 'pending')"),
