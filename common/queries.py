@@ -55,9 +55,10 @@ def get_payment(session: Session, payment_id: int) -> Mapping[str, Any]:
 
 # No index of `payments` names `status` (migration 0006): each status is found through what
 # does. Completed payments, most of the table, are found along the primary key.
+_OPEN = "status = :status AND id IN (SELECT payment_id FROM open_payments WHERE status = :status)"
 _STATUS_FILTER = {
-    "pending": "status = :status AND id IN (SELECT payment_id FROM open_payments WHERE status = :status)",
-    "authorized": "status = :status AND id IN (SELECT payment_id FROM open_payments WHERE status = :status)",
+    "pending": _OPEN,
+    "authorized": _OPEN,
     "failed": "status = :status AND failure_code IS NOT NULL",  # payments_failed_idx
     "canceled": "status = :status AND cancellation_reason IS NOT NULL",  # payments_canceled_idx
 }

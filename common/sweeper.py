@@ -46,4 +46,3 @@ def vacuum_open_payments(db: Database) -> None:
     waited for."""
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM (SKIP_LOCKED) open_payments"))
-

@@ -29,7 +29,9 @@ What finds the open payments now:
 - reconcile checks that `open_payments` is exactly the open payments.
 
 Safe to run while payments are written: `payments` is locked (SHARE ROW EXCLUSIVE) before the
-open rows are copied, so every later write goes through the triggers.
+open rows are copied, so every later write goes through the triggers. Processes of the previous
+code still running afterwards stay correct, but find the pending payments by a scan of `payments`
+until they are replaced.
 
 Revision ID: 0006
 Revises: 0005
