@@ -2,7 +2,8 @@
 `gunicorn "api:create_app()" --bind HOST:PORT` gets these defaults; flags on the command line win.
 
 Threads (gthread) let one process keep several requests' database round trips in flight;
-the database pool (WALLET_DB_POOL_SIZE + WALLET_DB_MAX_OVERFLOW) must be at least `threads`.
+the database pool (WALLET_DB_POOL_SIZE) should exceed `threads` (admission's recount thread uses
+it too), or connections are opened and closed under load.
 """
 from common.settings import get_settings
 

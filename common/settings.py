@@ -66,7 +66,10 @@ class Settings:
     # says Retry-After: 1, so a client loses no time waiting as long.
     admission_wait_ms: float = 1000.0
     admission_max_waiting: int | None = None
-    db_pool_size: int = 12
+    # At least web_threads + 1 (admission's recount has a thread of its own): beyond the pool,
+    # connections are opened and closed as they are needed, a new PostgreSQL backend each time
+    # (12 of them in 8 s of `uniform` at 12, none at 14; bench/NOTES.md 2026-12-02 midnight).
+    db_pool_size: int = 14
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
     worker_concurrency: int = 2
