@@ -60,6 +60,13 @@ def _backend_cpu(db) -> float:
     return total
 
 
+def _wal(db) -> tuple[int, int]:
+    """(WAL bytes, full-page images) written so far by the whole server (pg_stat_wal)."""
+    with db.engine.connect() as conn:
+        row = conn.execute(text("SELECT wal_bytes, wal_fpi FROM pg_stat_wal")).one()
+    return int(row.wal_bytes), int(row.wal_fpi)
+
+
 class Counter:
     def __init__(self, engine):
         self.n = 0
@@ -94,6 +101,7 @@ def measure(name, db, counter, run, items, per_item, profile, results, rounds=5)
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
     prof = cProfile.Profile() if profile == name else None
     py, pg, statements, wall = [], [], 0, 0.0
+    wal0 = _wal(db)
     for chunk in chunks:
         counter.n = 0
         pg0, cpu0, wall0 = _backend_cpu(db), time.process_time(), time.perf_counter()
@@ -111,11 +119,14 @@ def measure(name, db, counter, run, items, per_item, profile, results, rounds=5)
         statements += counter.n
         wall += took
     payments = len(items) * per_item
+    wal_bytes, wal_fpi = (b - a for a, b in zip(wal0, _wal(db)))
     med = statistics.median
     row = {"scenario": name, "requests": len(items), "payments": payments,
            "py_ms_per_request": round(med(py) * 1000, 3), "py_ms_per_request_min": round(min(py) * 1000, 3),
            "pg_ms_per_payment": round(med(pg) * 1000 / max(per_item, 1), 4),
-           "statements_per_request": round(statements / len(items), 2), "wall_s": round(wall, 2)}
+           "statements_per_request": round(statements / len(items), 2), "wall_s": round(wall, 2),
+           "wal_bytes_per_payment": round(wal_bytes / max(payments, 1)),
+           "wal_fpi_per_payment": round(wal_fpi / max(payments, 1), 3)}
     if per_item:
         row["py_ms_per_payment"] = round(med(py) * 1000 / per_item, 4)
         row["py_ms_per_payment_min"] = round(min(py) * 1000 / per_item, 4)
@@ -142,6 +153,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--database", default="wallet_profile", help="made afresh on each run")
     ap.add_argument("--callgrind", action="store_true", help="one round per scenario (see CALLGRIND)")
+    ap.add_argument("--schema-sql", default="", help="SQL file run after the migrations: a schema"
+                    " variant to measure before writing its migration")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
 
@@ -158,11 +171,22 @@ def main() -> None:
                 pass
 
 
+def _run_sql(url: str, sql: str) -> None:
+    from sqlalchemy import create_engine
+    from common.settings import sqlalchemy_url
+    engine = create_engine(sqlalchemy_url(url))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(sql)
+    engine.dispose()
+
+
 def _run(args, only, services) -> None:
     from scripts import services as svc
     from common.settings import Settings, hash_api_key, sqlalchemy_url
     url = svc.create_database(services.database_url, args.database, drop_first=True)
     svc.migrate(url)
+    if args.schema_sql:
+        _run_sql(url, Path(args.schema_sql).read_text())
     settings = Settings(database_url=sqlalchemy_url(url), broker_url=services.redis_url,
                         api_key_hashes=frozenset({hash_api_key(API_KEY)}), max_pending=0,
                         admission_wait_ms=0,  # `refused` measures the 429 itself, not a wait
@@ -271,11 +295,13 @@ def _run(args, only, services) -> None:
         print("reconcile:", "ok" if not problems else problems)
 
     print("SUMMARY " + json.dumps(results))
-    print(f"{'scenario':10} {'py ms/req':>10} {'(min)':>8} {'py ms/p':>8} {'(min)':>8} {'pg ms/p':>8} {'stmts/req':>9}")
+    print(f"{'scenario':10} {'py ms/req':>10} {'(min)':>8} {'py ms/p':>8} {'(min)':>8} {'pg ms/p':>8}"
+          f" {'stmts/req':>9} {'WAL B/p':>8} {'FPI/p':>6}")
     for r in results:
         print(f"{r['scenario']:10} {r['py_ms_per_request']:10.3f} {r['py_ms_per_request_min']:8.3f}"
               f" {r.get('py_ms_per_payment', 0):8.4f} {r.get('py_ms_per_payment_min', 0):8.4f}"
-              f" {r['pg_ms_per_payment']:8.4f} {r['statements_per_request']:9.2f}")
+              f" {r['pg_ms_per_payment']:8.4f} {r['statements_per_request']:9.2f}"
+              f" {r['wal_bytes_per_payment']:8d} {r['wal_fpi_per_payment']:6.3f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger, Boolean, CheckConstraint, Column, DateTime, ForeignKey, Index, Integer, MetaData,
-    Numeric, SmallInteger, String, Table, Text, UniqueConstraint, func, text,
+    Numeric, PrimaryKeyConstraint, SmallInteger, String, Table, Text, UniqueConstraint, func, text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB
 from sqlalchemy.types import UserDefinedType
@@ -81,7 +81,9 @@ payments = Table(
     Column("amount", Money, nullable=False),
     Column("status", String(16), nullable=False, server_default="pending"),
     Column("failure_code", String(32)),
-    Column("batch_id", BigInteger, ForeignKey("batches.id")),
+    # No foreign key: the statement that records a batch's payments follows the INSERT of the batch,
+    # in its transaction, and batches are never removed (triggers; migration 0007 says why).
+    Column("batch_id", BigInteger),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Set when the payment reaches a terminal state (completed, failed, canceled).
     Column("completed_at", DateTime(timezone=True)),
@@ -145,7 +147,7 @@ open_payments = Table(
 
 ledger_entries = Table(
     "ledger_entries", metadata,
-    Column("id", BigInteger, primary_key=True),
+    Column("id", BigInteger, nullable=False, autoincrement=True),  # its sequence, from 0001
     # No foreign keys: entries are written only for accounts and payments their statement holds,
     # and neither is ever removed (triggers; migration 0005 says why).
     Column("account_id", BigInteger, nullable=False),
@@ -154,8 +156,9 @@ ledger_entries = Table(
     Column("balance_after", Money, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("amount <> 0", name="ledger_entries_amount_nonzero"),
-    Index("ledger_entries_account_idx", "account_id", "id"),
-    Index("ledger_entries_payment_idx", "payment_id"),
+    # (account_id, id): the order the balance history reads. Nothing reads an entry by its id
+    # alone, nor by its payment, so neither has an index of its own (migration 0007).
+    PrimaryKeyConstraint("account_id", "id", name="ledger_entries_pkey"),
 )
 
 # One row per Idempotency-Key, scoped to the API key that sent it. Its primary key is what makes

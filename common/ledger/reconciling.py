@@ -46,6 +46,13 @@ def reconcile(session: Session, *, events: bool = True) -> list[str]:
         " WHERE b.id IS NULL OR s.id IS NULL ORDER BY p.id"
     )):
         problems.append(f"payment {row.id}: its buyer or seller is not an account of its currency")
+    # Its batch exists, if it names one: what the batch's own transaction holds (no foreign key
+    # since migration 0007).
+    for row in session.execute(text(
+        "SELECT p.id FROM payments p LEFT JOIN batches b ON b.id = p.batch_id"
+        " WHERE p.batch_id IS NOT NULL AND b.id IS NULL ORDER BY p.id"
+    )):
+        problems.append(f"payment {row.id}: its batch does not exist")
     # Its account exists, and its payment if it names one: what the writing statement holds, and
     # triggers keep true (no foreign key does since migration 0005).
     for row in session.execute(text(

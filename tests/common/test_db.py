@@ -8,6 +8,8 @@ from sqlalchemy.orm import Session
 
 from common.db import Prepared, is_unavailable
 
+pytestmark = pytest.mark.usefixtures("scratch_rows")
+
 ECHO = Prepared("wallet_test_echo", "SELECT CAST(:a AS bigint) + 1 AS n, CAST(:b AS text[]) AS b,"
                                     " CAST(:a AS bigint) AS again, pg_backend_pid() AS pid")
 
@@ -31,25 +33,25 @@ def test_unit_of_work_alone_returns_rows_and_keeps_nulls_typed(db):
 
 def test_unit_of_work_alone_commits_by_itself_and_leaves_the_pool_transactional(db):
     insert = Prepared("wallet_test_insert",
-                      "INSERT INTO batches (atomic, total) VALUES (false, CAST(:total AS integer))"
+                      "INSERT INTO scratch_rows (atomic, total) VALUES (false, CAST(:total AS integer))"
                       " RETURNING id")
     batch_id = db.unit_of_work(insert, {"total": 7})[0]["id"]
     with db.read() as s:  # another connection sees it: it was committed
-        assert s.execute(text("SELECT total FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one() == 7
+        assert s.execute(text("SELECT total FROM scratch_rows WHERE id = :id"), {"id": batch_id}).scalar_one() == 7
     # Every pooled connection is back in transactional mode: a rolled-back transaction writes nothing.
     with pytest.raises(RuntimeError):
         def delete(s):
-            s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch_id})
+            s.execute(text("DELETE FROM scratch_rows WHERE id = :id"), {"id": batch_id})
             raise RuntimeError("roll back")
         db.unit_of_work(delete)
     with db.read() as s:
-        assert s.execute(text("SELECT count(*) FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one() == 1
-    db.unit_of_work(lambda s: s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch_id}))
+        assert s.execute(text("SELECT count(*) FROM scratch_rows WHERE id = :id"), {"id": batch_id}).scalar_one() == 1
+    db.unit_of_work(lambda s: s.execute(text("DELETE FROM scratch_rows WHERE id = :id"), {"id": batch_id}))
 
 
 def test_run_in_a_session_prepares_once_per_connection_and_rolls_back_with_it(db):
     insert = Prepared("wallet_test_run_insert",
-                      "INSERT INTO batches (atomic, total) VALUES (false, CAST(:total AS integer))"
+                      "INSERT INTO scratch_rows (atomic, total) VALUES (false, CAST(:total AS integer))"
                       " RETURNING id, (SELECT count(*) FROM pg_prepared_statements"
                       "                WHERE name = 'wallet_test_run_insert') AS prepared")
     with db.engine.connect() as conn:
@@ -59,7 +61,7 @@ def test_run_in_a_session_prepares_once_per_connection_and_rolls_back_with_it(db
             second = insert.run(s, {"total": 4}).one()
             s.rollback()
             assert first.prepared == 1 and second.prepared == 1
-            again = s.execute(text("SELECT count(*) FROM batches WHERE id = ANY(:ids)"),
+            again = s.execute(text("SELECT count(*) FROM scratch_rows WHERE id = ANY(:ids)"),
                               {"ids": [first.id, second.id]}).scalar_one()
             assert again == 0
             assert s.execute(text("SELECT count(*) FROM pg_prepared_statements"
@@ -68,14 +70,14 @@ def test_run_in_a_session_prepares_once_per_connection_and_rolls_back_with_it(db
 
 def test_a_refused_statement_raises_sqlalchemy_error_and_writes_nothing(db):
     bad = Prepared("wallet_test_negative",
-                   "INSERT INTO batches (atomic, total) VALUES (false, CAST(:total AS integer))")
+                   "INSERT INTO scratch_rows (atomic, total) VALUES (false, CAST(:total AS integer))")
     with db.read() as s:
-        before = s.execute(text("SELECT count(*) FROM batches")).scalar_one()
+        before = s.execute(text("SELECT count(*) FROM scratch_rows")).scalar_one()
     with pytest.raises(DBAPIError) as caught:
         db.unit_of_work(bad, {"total": None})  # NOT NULL
     assert not is_unavailable(caught.value)
     with db.read() as s:
-        assert s.execute(text("SELECT count(*) FROM batches")).scalar_one() == before
+        assert s.execute(text("SELECT count(*) FROM scratch_rows")).scalar_one() == before
     assert db.unit_of_work(ECHO, {"a": 1, "b": []})[0]["n"] == 2  # the connection still works
 
 
@@ -101,7 +103,7 @@ def test_unit_of_work_retries_a_real_deadlock(db):
     import threading
 
     ids = [db.unit_of_work(Prepared("wallet_test_batch_row",
-                                    "INSERT INTO batches (atomic, total) VALUES (false, CAST(:t AS integer))"
+                                    "INSERT INTO scratch_rows (atomic, total) VALUES (false, CAST(:t AS integer))"
                                     " RETURNING id"), {"t": 0})[0]["id"] for _ in range(2)]
     both_hold_one = threading.Barrier(2, timeout=10)
     attempts = {0: 0, 1: 0}
@@ -110,10 +112,10 @@ def test_unit_of_work_retries_a_real_deadlock(db):
     def work(n: int, s):
         attempts[n] += 1
         first, second = (ids[0], ids[1]) if n == 0 else (ids[1], ids[0])
-        s.execute(text("UPDATE batches SET total = total + 1 WHERE id = :id"), {"id": first})
+        s.execute(text("UPDATE scratch_rows SET total = total + 1 WHERE id = :id"), {"id": first})
         if attempts[n] == 1:
             both_hold_one.wait()  # each holds its first row: the second UPDATEs close the cycle
-        s.execute(text("UPDATE batches SET total = total + 1 WHERE id = :id"), {"id": second})
+        s.execute(text("UPDATE scratch_rows SET total = total + 1 WHERE id = :id"), {"id": second})
         return n
 
     def run(n: int):
@@ -131,7 +133,7 @@ def test_unit_of_work_retries_a_real_deadlock(db):
     assert results == {0: 0, 1: 1}
     assert sorted(attempts.values()) == [1, 2]  # the deadlock's victim ran twice, the other once
     with db.read() as s:
-        totals = s.execute(text("SELECT total FROM batches WHERE id = ANY(:ids)"), {"ids": ids}).scalars().all()
+        totals = s.execute(text("SELECT total FROM scratch_rows WHERE id = ANY(:ids)"), {"ids": ids}).scalars().all()
     assert totals == [2, 2]  # each transaction's two updates, once each
 
 
@@ -140,7 +142,7 @@ def test_unit_of_work_does_not_retry_other_errors(db):
 
     def work(s):
         attempts.append(1)
-        s.execute(text("INSERT INTO batches (atomic, total) VALUES (false, NULL)"))
+        s.execute(text("INSERT INTO scratch_rows (atomic, total) VALUES (false, NULL)"))
     with pytest.raises(DBAPIError):
         db.unit_of_work(work)
     assert len(attempts) == 1

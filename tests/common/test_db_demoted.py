@@ -11,8 +11,10 @@ from sqlalchemy.exc import DBAPIError
 from common.db import Database, Prepared, is_unavailable
 from common.settings import sqlalchemy_url
 
+pytestmark = pytest.mark.usefixtures("scratch_rows")
+
 INSERT = Prepared("wallet_test_ro_insert",
-                  "INSERT INTO batches (atomic, total) VALUES (false, CAST(:total AS integer))"
+                  "INSERT INTO scratch_rows (atomic, total) VALUES (false, CAST(:total AS integer))"
                   " RETURNING id, pg_backend_pid() AS pid")
 
 
@@ -39,14 +41,14 @@ def test_read_only_error_in_a_transaction_is_unavailable_and_reconnects(settings
         with own.engine.connect() as conn:
             before = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         with pytest.raises(DBAPIError) as caught:
-            own.unit_of_work(lambda s: s.execute(text("INSERT INTO batches (atomic, total) VALUES (false, 1)")))
+            own.unit_of_work(lambda s: s.execute(text("INSERT INTO scratch_rows (atomic, total) VALUES (false, 1)")))
         assert caught.value.orig.pgcode == "25006"
         assert caught.value.connection_invalidated and is_unavailable(caught.value)
         def write_again(s):  # a new connection: writable again
             assert s.execute(text("SELECT pg_backend_pid()")).scalar_one() != before
-            batch = s.execute(text("INSERT INTO batches (atomic, total) VALUES (false, 1)"
+            batch = s.execute(text("INSERT INTO scratch_rows (atomic, total) VALUES (false, 1)"
                                    " RETURNING id")).scalar_one()
-            s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": batch})
+            s.execute(text("DELETE FROM scratch_rows WHERE id = :id"), {"id": batch})
         own.unit_of_work(write_again)
     finally:
         own.dispose()
@@ -59,7 +61,7 @@ def test_read_only_error_in_a_single_statement_is_unavailable_and_reconnects(set
             own.unit_of_work(INSERT, {"total": 3})
         assert caught.value.orig.pgcode == "25006" and is_unavailable(caught.value)
         row = own.unit_of_work(INSERT, {"total": 3})[0]
-        own.unit_of_work(lambda s: s.execute(text("DELETE FROM batches WHERE id = :id"), {"id": row["id"]}))
+        own.unit_of_work(lambda s: s.execute(text("DELETE FROM scratch_rows WHERE id = :id"), {"id": row["id"]}))
     finally:
         own.dispose()
 

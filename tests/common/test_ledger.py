@@ -174,6 +174,19 @@ def test_reconcile_reports_a_payment_naming_no_account_of_its_currency(session, 
     assert about_these == {message.format(i) for i in stray[:2]}
 
 
+def test_reconcile_reports_a_payment_naming_a_missing_batch(session, currencies):
+    """payments.batch_id has no foreign key (migration 0007): reconcile checks it."""
+    buyer, seller = open_(session, currencies, "10"), open_(session, currencies, "0")
+    batch = session.execute(text("INSERT INTO batches (atomic, total) VALUES (false, 2) RETURNING id")).scalar_one()
+    stray, fine = session.execute(text(
+        "INSERT INTO payments (buyer_account_id, seller_account_id, currency_id, amount, batch_id)"
+        " VALUES (:b, :s, 1, 1, 999999999), (:b, :s, 1, 1, :batch) RETURNING id"
+    ), {"b": buyer, "s": seller, "batch": batch}).scalars().all()
+    problems = ledger.reconcile(session, events=False)
+    assert f"payment {stray}: its batch does not exist" in problems
+    assert not any(p.startswith(f"payment {fine}:") for p in problems)
+
+
 @pytest.mark.parametrize("table", ["accounts", "currencies"])
 def test_accounts_and_currencies_are_never_removed(session, currencies, table):
     """Payments name them without a foreign key (migration 0004): the database refuses to remove
@@ -202,15 +215,17 @@ def test_reconcile_reports_a_ledger_entry_naming_a_missing_account_or_payment(se
     "DELETE FROM payments WHERE id = {payment}", "TRUNCATE payments CASCADE",
     "UPDATE ledger_entries SET amount = amount + 1 WHERE payment_id = {payment}",
     "DELETE FROM ledger_entries WHERE payment_id = {payment}", "TRUNCATE ledger_entries",
+    "DELETE FROM batches WHERE id = {batch}", "TRUNCATE batches CASCADE",
 ])
 def test_the_ledger_is_append_only(session, currencies, statement):
-    """Entries name their payment and account without a foreign key (migration 0005): payments are
-    never removed, entries never changed nor removed."""
+    """Entries name their payment and account without a foreign key (migration 0005), payments their
+    batch (0007): payments and batches are never removed, entries never changed nor removed."""
     payment = pay(session, currencies, open_(session, currencies, "10"), open_(session, currencies, "0"), "1")["id"]
     ledger.apply_payments(session, [payment])
+    batch = session.execute(text("INSERT INTO batches (atomic, total) VALUES (false, 0) RETURNING id")).scalar_one()
     with pytest.raises(Exception, match="the ledger is append-only") as caught:
         with session.begin_nested():
-            session.execute(text(statement.format(payment=payment)))
+            session.execute(text(statement.format(payment=payment, batch=batch)))
     assert caught.value.orig.pgcode == "23001"  # restrict_violation
 
 
