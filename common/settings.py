@@ -68,14 +68,18 @@ class Settings:
     admission_max_waiting: int | None = None
     # At least web_threads + 1 (admission's recount has a thread of its own): beyond the pool,
     # connections are opened and closed as they are needed, a new PostgreSQL backend each time
-    # (12 of them in 8 s of `uniform` at 12, none at 14; bench/NOTES.md 2026-12-02 midnight).
-    db_pool_size: int = 14
+    # (12 of them in 8 s of `uniform` with 12 threads and a pool of 12, none at 14; bench/NOTES.md
+    # 2026-12-02 midnight). 20 threads + the recount + one spare.
+    db_pool_size: int = 22
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
     worker_concurrency: int = 2
     # gunicorn (read by ./gunicorn.conf.py): threads overlap the requests' database round trips.
+    # 20 rather than 12: a batch that waits for admission holds a thread, and with 12 (10 waiters)
+    # the bench's 32 clients were refused 1,470-2,790 times a run; with 20, 460-1,280 times and
+    # batches 1.4-2.0x faster against the same run's reference (bench/NOTES.md 2026-12-03).
     web_workers: int = 2
-    web_threads: int = 12
+    web_threads: int = 20
     web_timeout_seconds: int = 30
     log_level: str = "INFO"
     access_log: bool = True  # one JSON line per HTTP request
