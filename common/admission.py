@@ -136,29 +136,38 @@ class Admission:
                     threading.Thread(target=self._refresh_loop, args=(self._refresh,),
                                      name="wallet-admission", daemon=True).start()
                     self._refresher_pid = os.getpid()
-        self._refresh.set()
+        if not self._refresh.is_set():  # set() takes a lock and notifies, for each request
+            self._refresh.set()
 
     def _refresh_loop(self, wake: threading.Event) -> None:
         while True:
             wake.wait()
             wake.clear()
             try:
-                self._read(self._refresh_s)
+                # Waits for a read a request thread is doing, rather than give up at once: the
+                # requests would set `wake` again while it lasts, and this loop would spin on it
+                # (2 % of an API process's GIL time at `uniform`, bench/NOTES.md 2026-12-03).
+                self._read(self._refresh_s, wait=True)
             except Exception:  # the database is down: the requests' own statements will say so
                 if time.monotonic() - self._failure_logged_at > 10:
                     self._failure_logged_at = time.monotonic()
                     log.warning("could not count the pending payments", exc_info=True)
 
-    def _read(self, max_age_s: float) -> None:
-        if time.monotonic() - self._read_at >= max_age_s and self._reading.acquire(blocking=False):
-            try:  # one thread reads; the others go on with the last value
-                with self._db.read() as session:
-                    pending = session.execute(text(
-                        "SELECT count(*) FROM open_payments WHERE status = 'pending'")).scalar_one()
-                with self._counting:
-                    self._pending = pending
-                    while self._queue and self._take(self._queue[0].count):
-                        self._queue.popleft().admitted.set()
-                self._read_at = time.monotonic()
-            finally:
-                self._reading.release()
+    def _read(self, max_age_s: float, wait: bool = False) -> None:
+        """Reads the count if it is `max_age_s` old. One thread reads; the others go on with the
+        last value, or, with `wait`, wait for that read and read again only if it is still old."""
+        if time.monotonic() - self._read_at < max_age_s or not self._reading.acquire(blocking=wait):
+            return
+        try:
+            if time.monotonic() - self._read_at < max_age_s:
+                return  # read by the thread this one waited for
+            with self._db.read() as session:
+                pending = session.execute(text(
+                    "SELECT count(*) FROM open_payments WHERE status = 'pending'")).scalar_one()
+            with self._counting:
+                self._pending = pending
+                while self._queue and self._take(self._queue[0].count):
+                    self._queue.popleft().admitted.set()
+            self._read_at = time.monotonic()
+        finally:
+            self._reading.release()

@@ -109,6 +109,17 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
     return app
 
 
+# What Flower and the workers' logs show of a message's arguments, as Celery's own would look:
+# Celery builds it with saferepr (pure Python, element by element, up to 1,024 characters), which
+# for a list of ids is plain repr, done in C.
+ARGSREPR_MAX_CHARS = 1024
+
+
+def _ids_repr(args: list[list[int]]) -> str:
+    text = repr(args)
+    return text if len(text) <= ARGSREPR_MAX_CHARS else text[:ARGSREPR_MAX_CHARS - 3] + "..."
+
+
 class Sender:
     """Sends payment ids to their queues, one message per queue touched, and atomic batches, with
     Celery's `send_task`. Give it a publisher app (`make_celery(settings, publisher=True)`): every
@@ -135,7 +146,8 @@ class Sender:
             headers = None
             if request_ids:
                 headers = {REQUEST_IDS: {str(i): request_ids[i] for i in ids if i in request_ids}}
-            self._celery.send_task(APPLY_PAYMENTS, args=[sorted(ids)], headers=headers,
+            args = [sorted(ids)]
+            self._celery.send_task(APPLY_PAYMENTS, args=args, headers=headers, argsrepr=_ids_repr(args),
                                    queue=routing.queue_name(index), retry_policy=PUBLISH_RETRY)
         return len(by_queue)
 
