@@ -7,13 +7,19 @@ the thread pool again (a Future and a done-callback each time). With the bench's
 payments the main thread held the GIL 30 % of the API process's time (py-spy --gil,
 bench/NOTES.md), and each hand-off waits for the GIL.
 
-Here a thread that has answered waits up to `LINGER_S` for the same connection's next request
-and serves it itself, for as long as the client keeps sending and no other connection waits for
-a thread; otherwise the connection goes back to the main thread as before. So it changes who
-serves a request, never whether or in what order: one connection's requests are still served
-one after another, and a queued connection waits at most one request (or `LINGER_S`) more than
-in gthread. A stopping worker (`alive` false, max_requests included) lets go after the request
-in hand.
+Here a thread that has answered waits for the same connection's next request and serves it
+itself, for as long as the client keeps sending and no other connection waits for a thread;
+otherwise the connection goes back to the main thread as before. How long it waits depends on
+how many threads wait so: all but a fifth of the threads (`LINGER_RESERVE_SHARE`) may wait up to
+`LONG_LINGER_S` (in slices of `LINGER_SLICE_S`, giving the connection back at the end of a slice
+if another connection is queued or the worker stops); the rest wait `LINGER_S`. So a connection
+whose client pauses between requests (the bench's `paced`: ~80 ms) keeps its thread, and its
+next request costs one wake-up of that thread instead of the main thread's poll, a hand-off
+through the pool's queue and a Future; the reserved threads never wait long, so a new or queued
+connection always finds one. It changes who serves a request, never whether or in what order:
+one connection's requests are still served one after another, and a queued connection waits at
+most one request (or `LINGER_SLICE_S`) more than in gthread. A stopping worker (`alive` false,
+max_requests included) lets go after the request in hand.
 
 It also sends each response's head and body in one `send` instead of two (gunicorn writes the
 head as soon as the body's first chunk is due): one TCP segment, and one wake-up of the client,
@@ -27,9 +33,16 @@ import threading
 
 from gunicorn.workers.gthread import ThreadWorker
 
-# How long an answering thread waits for its connection's next request. A client in a closed
-# loop (the bench, a batch uploader) sends it within a fraction of a millisecond.
+# How long an answering thread waits for its connection's next request when the long waits are
+# all taken. A client in a closed loop (the bench, a batch uploader) sends it within a fraction
+# of a millisecond.
 LINGER_S = 0.002
+# The long wait, for all but the reserved threads at once; never longer than
+# gunicorn's keepalive. A blocked thread costs no CPU; each slice costs one wake-up.
+LONG_LINGER_S = 1.0
+LINGER_SLICE_S = 0.1
+# Threads that never wait long: a new connection, or one handed back, always finds one of them.
+LINGER_RESERVE_SHARE = 0.2
 # After a wait in vain, the next this many requests of that connection go straight back to the
 # main thread: a client that sends now and then would otherwise cost a thread wake-up (and a
 # GIL hand-off) per request for nothing.
@@ -41,6 +54,14 @@ class Worker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self._queued = 0  # connections submitted to the pool and not yet taken by a thread
         self._queued_lock = threading.Lock()
+        self._long_linger_slots = self._long_linger_slots_for(self.cfg)
+        self._long_linger_s = min(LONG_LINGER_S, self.cfg.keepalive or 0)
+        self._lingering = 0  # threads in a long wait now (under _queued_lock)
+
+    @staticmethod
+    def _long_linger_slots_for(cfg) -> int:
+        threads = cfg.threads
+        return threads - max(1, round(threads * LINGER_RESERVE_SHARE))
 
     def enqueue_req(self, conn):
         with self._queued_lock:
@@ -69,9 +90,30 @@ class Worker(ThreadWorker):
             if skip:
                 conn.wallet_skip_linger = skip - 1
                 return keepalive
-            if not _readable(conn.sock, LINGER_S):
+            if not self._await_next_request(conn):
                 conn.wallet_skip_linger = SKIP_AFTER_IN_VAIN
                 return keepalive
+
+    def _await_next_request(self, conn) -> bool:
+        """Whether the connection's next request arrived while this thread waited for it."""
+        with self._queued_lock:
+            long_wait = self._long_linger_s > 0 and self._lingering < self._long_linger_slots
+            if long_wait:
+                self._lingering += 1
+        if not long_wait:
+            return _readable(conn.sock, LINGER_S)
+        try:
+            waited = 0.0
+            while waited < self._long_linger_s:
+                if _readable(conn.sock, LINGER_SLICE_S):
+                    return True
+                waited += LINGER_SLICE_S
+                if self._queued or not self.alive:
+                    return False
+            return False
+        finally:
+            with self._queued_lock:
+                self._lingering -= 1
 
 
 def _readable(sock, timeout_s: float) -> bool:

@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from api.http_worker import _HeadWithBody
+from api.http_worker import Worker, _HeadWithBody
 from tests.support import processes
 
 pytestmark = pytest.mark.processes  # the unit tests of _HeadWithBody below need none, but are few
@@ -144,3 +144,99 @@ def test_any_other_use_of_the_socket_sends_the_head_first():
 
 def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
+
+
+# The long wait for a connection's next request (`Worker._await_next_request`), on a socket pair
+# and a worker with just the fields the wait reads: no gunicorn needed.
+
+def _lingering_worker(slots: int, long_linger_s: float = 1.0):
+    worker = object.__new__(Worker)
+    worker._queued_lock = threading.Lock()
+    worker._queued = 0
+    worker._lingering = 0
+    worker._long_linger_slots = slots
+    worker._long_linger_s = long_linger_s
+    worker.alive = True
+    return worker
+
+
+class _Conn:
+    def __init__(self, sock):
+        self.sock = sock
+
+
+@pytest.fixture
+def socket_pair():
+    server, client = socket.socketpair()
+    yield server, client
+    server.close()
+    client.close()
+
+
+def _send_later(sock, delay_s: float) -> threading.Timer:
+    timer = threading.Timer(delay_s, sock.sendall, args=(b"GET /health HTTP/1.1\r\n\r\n",))
+    timer.start()
+    return timer
+
+
+def test_a_thread_with_a_free_slot_waits_for_a_client_that_pauses(socket_pair):
+    # The bench's paced clients send every ~80 ms; the short wait (LINGER_S) would give up.
+    server, client = socket_pair
+    worker = _lingering_worker(slots=1)
+    timer = _send_later(client, 0.25)
+    try:
+        assert worker._await_next_request(_Conn(server)) is True
+    finally:
+        timer.join()
+    assert worker._lingering == 0
+
+
+def test_with_every_slot_taken_a_thread_waits_only_briefly(socket_pair):
+    server, client = socket_pair
+    worker = _lingering_worker(slots=1)
+    worker._lingering = 1  # another thread holds the one long wait
+    timer = _send_later(client, 0.25)
+    try:
+        assert worker._await_next_request(_Conn(server)) is False
+    finally:
+        timer.join()
+    assert worker._lingering == 1
+
+
+def test_a_long_wait_gives_the_connection_back_when_another_is_queued(socket_pair):
+    server, client = socket_pair
+    worker = _lingering_worker(slots=1, long_linger_s=30.0)
+    done = threading.Event()
+    result = []
+
+    def wait():
+        result.append(worker._await_next_request(_Conn(server)))
+        done.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    worker._queued = 1  # a connection waits for a thread
+    assert done.wait(5), "the waiting thread kept its idle connection while another was queued"
+    waiter.join()
+    assert result == [False] and worker._lingering == 0
+
+
+def test_a_long_wait_ends_when_the_worker_stops(socket_pair):
+    server, client = socket_pair
+    worker = _lingering_worker(slots=1, long_linger_s=30.0)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (worker._await_next_request(_Conn(server)), done.set()))
+    waiter.start()
+    worker.alive = False
+    assert done.wait(5)
+    waiter.join()
+
+
+def test_a_one_thread_worker_never_waits_long():
+    # gunicorn's own config object: threads=1 leaves no slot for a long wait (the only thread is
+    # the reserve), 20 threads leave 16.
+    from gunicorn.config import Config
+    for threads, slots in ((1, 0), (2, 1), (20, 16)):
+        cfg = Config()
+        cfg.set("threads", threads)
+        assert Worker._long_linger_slots_for(cfg) == slots
