@@ -203,7 +203,16 @@ def test_with_every_slot_taken_a_thread_waits_only_briefly(socket_pair):
     assert worker._lingering == 1
 
 
-def test_a_long_wait_gives_the_connection_back_when_another_is_queued(socket_pair):
+def _another_connection_queued(worker):
+    worker._queued = 1
+
+
+def _worker_stopping(worker):
+    worker.alive = False
+
+
+@pytest.mark.parametrize("interrupt", [_another_connection_queued, _worker_stopping])
+def test_a_long_wait_gives_the_connection_back(socket_pair, interrupt):
     server, client = socket_pair
     worker = _lingering_worker(slots=1, long_linger_s=30.0)
     done = threading.Event()
@@ -215,21 +224,10 @@ def test_a_long_wait_gives_the_connection_back_when_another_is_queued(socket_pai
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    worker._queued = 1  # a connection waits for a thread
-    assert done.wait(5), "the waiting thread kept its idle connection while another was queued"
+    interrupt(worker)
+    assert done.wait(5), "the waiting thread kept its idle connection"
     waiter.join()
     assert result == [False] and worker._lingering == 0
-
-
-def test_a_long_wait_ends_when_the_worker_stops(socket_pair):
-    server, client = socket_pair
-    worker = _lingering_worker(slots=1, long_linger_s=30.0)
-    done = threading.Event()
-    waiter = threading.Thread(target=lambda: (worker._await_next_request(_Conn(server)), done.set()))
-    waiter.start()
-    worker.alive = False
-    assert done.wait(5)
-    waiter.join()
 
 
 def test_a_one_thread_worker_never_waits_long():
