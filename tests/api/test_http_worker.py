@@ -179,28 +179,19 @@ def _send_later(sock, delay_s: float) -> threading.Timer:
     return timer
 
 
-def test_a_thread_with_a_free_slot_waits_for_a_client_that_pauses(socket_pair):
-    # The bench's paced clients send every ~80 ms; the short wait (LINGER_S) would give up.
+@pytest.mark.parametrize("slots_taken, served", [(0, True), (1, False)])
+def test_only_a_thread_with_a_free_slot_waits_for_a_client_that_pauses(socket_pair, slots_taken, served):
+    # The bench's paced clients send every ~80 ms: a free slot waits for the request 0.25 s later,
+    # with every slot taken the short wait (LINGER_S) gives up.
     server, client = socket_pair
     worker = _lingering_worker(slots=1)
+    worker._lingering = slots_taken
     timer = _send_later(client, 0.25)
     try:
-        assert worker._await_next_request(_Conn(server)) is True
+        assert worker._await_next_request(_Conn(server)) is served
     finally:
         timer.join()
-    assert worker._lingering == 0
-
-
-def test_with_every_slot_taken_a_thread_waits_only_briefly(socket_pair):
-    server, client = socket_pair
-    worker = _lingering_worker(slots=1)
-    worker._lingering = 1  # another thread holds the one long wait
-    timer = _send_later(client, 0.25)
-    try:
-        assert worker._await_next_request(_Conn(server)) is False
-    finally:
-        timer.join()
-    assert worker._lingering == 1
+    assert worker._lingering == slots_taken
 
 
 def _another_connection_queued(worker):
