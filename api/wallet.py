@@ -1,5 +1,5 @@
-"""What one API process holds: settings, the database pool, the currencies, the account
-directory, admission control and the dispatcher."""
+"""What one API process holds: settings, the database pool and its group commit of single
+payments, the currencies, the account directory, admission control and the dispatcher."""
 from __future__ import annotations
 
 
@@ -7,7 +7,7 @@ from flask import current_app
 
 from common.admission import Admission
 from common.db import Database
-from common.ledger import AccountDirectory, Currencies
+from common.ledger import AccountDirectory, Currencies, single_inserts
 from common.messaging import Dispatcher, Sender, make_celery
 from common.settings import Settings
 
@@ -16,6 +16,7 @@ class Wallet:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db = Database(settings)
+        self.single_inserts = single_inserts(self.db, settings.accept_group_max)
         self.celery = make_celery(settings, publisher=True)  # the API only sends
         self.sender = Sender(self.celery, settings)
         self.admission = Admission(self.db, settings.max_pending, wait_s=settings.admission_wait_ms / 1000,

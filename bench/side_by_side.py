@@ -8,14 +8,17 @@ CPU per request (bench/NOTES.md): sequential A/B runs cannot resolve a 10 % chan
 variant (NAME=gunicorn arguments, comma-separated; `env:KEY=VALUE` sets the environment) is its
 own gunicorn on one fresh database, and one wrk per variant (bench/wrk_payments.lua, single
 payments over 10,000 accounts) drives them all at once for each round after a warm-up round.
-Per round and variant: requests/s, and the API's CPU per request (gunicorn master and workers,
-from /proc). No Celery worker: payments stay pending (admission control is off), which is the
+Per round and variant: requests/s, the API's CPU per request (gunicorn master and workers,
+from /proc), and PostgreSQL's (the backends serving that variant's connections, found by their
+client ports; over TCP only: through a Unix socket, as the embedded server is reached, it
+reads 0). No Celery worker: payments stay pending (admission control is off), which is the
 API's path alone. PostgreSQL and Redis: DATABASE_URL / REDIS_URL, else embedded ones under
 var/side_by_side.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -57,17 +60,18 @@ def main() -> None:
     procs = {name: _start(name, gunicorn_args, env, url, services.redis_url, args.workers, log_dir)
              for name, (gunicorn_args, env) in variants.items()}
     try:
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in procs}
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in procs}
         for n in range(args.rounds + 1):  # round 0 warms up
-            got = _round(procs, lo, args.seconds, args.connections, args.think_ms, seed=n + 1)
+            got = _round(procs, url, lo, args.seconds, args.connections, args.think_ms, seed=n + 1)
             if n:
-                print(f"round {n}: " + " | ".join(f"{name} {rate:,.0f}/s {ms:.3f} ms/req"
-                                                  for name, (rate, ms) in got.items()), flush=True)
+                print(f"round {n}: " + " | ".join(f"{name} {rate:,.0f}/s {ms:.3f} ms/req (PG {pg:.3f})"
+                                                  for name, (rate, ms, pg) in got.items()), flush=True)
                 for name, value in got.items():
                     results[name].append(value)
         for name, values in results.items():
-            print(f"{name}: median {statistics.median(r for r, _ in values):,.0f}/s,"
-                  f" {statistics.median(m for _, m in values):.3f} ms of API CPU per request")
+            print(f"{name}: median {statistics.median(v[0] for v in values):,.0f}/s,"
+                  f" {statistics.median(v[1] for v in values):.3f} ms of API CPU and"
+                  f" {statistics.median(v[2] for v in values):.3f} ms of PostgreSQL CPU per request")
     finally:
         for proc, _ in procs.values():
             proc.terminate()
@@ -121,20 +125,48 @@ def _cpu_s(pid: int) -> float:
     return sum(t.user + t.system for t in (p.cpu_times() for p in [root, *root.children(recursive=True)]))
 
 
-def _round(procs, lo, seconds, connections, think_ms, seed) -> dict[str, tuple[float, float]]:
+def _backends(url: str, procs) -> dict[str, dict[int, float]]:
+    """Per variant: the PostgreSQL backends serving its processes' connections -> their CPU so
+    far. A backend's client port is the local port of a socket its gunicorn process holds."""
+    from sqlalchemy import create_engine, text
+    from common.settings import sqlalchemy_url
+    engine = create_engine(sqlalchemy_url(url))
+    with engine.connect() as conn:
+        by_port = dict(conn.execute(text(
+            "SELECT client_port, pid FROM pg_stat_activity WHERE client_port IS NOT NULL")).all())
+    engine.dispose()
+    out: dict[str, dict[int, float]] = {}
+    for name, (proc, _) in procs.items():
+        root = psutil.Process(proc.pid)
+        ports = {c.laddr.port for p in [root, *root.children(recursive=True)]
+                 for c in p.net_connections(kind="tcp") if c.raddr}
+        out[name] = {}
+        for port in ports & by_port.keys():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = psutil.Process(by_port[port]).cpu_times()
+                out[name][by_port[port]] = times.user + times.system
+    return out
+
+
+def _round(procs, url, lo, seconds, connections, think_ms, seed) -> dict[str, tuple[float, float, float]]:
     before = {name: _cpu_s(proc.pid) for name, (proc, _) in procs.items()}
+    pg_before = _backends(url, procs)
     loads = {name: subprocess.Popen(
         ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "30s",
          "-s", str(ROOT / "bench" / "wrk_payments.lua"), f"http://127.0.0.1:{port}/payments",
          "--", API_KEY, str(lo), "10000", "0", "0", str(seed), str(think_ms)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name, (_, port) in procs.items()}
     out = {name: load.communicate()[0] for name, load in loads.items()}
+    pg_after = _backends(url, procs)
     got = {}
     for name, (proc, _) in procs.items():
         requests = int(re.search(r"(\d+) requests in", out[name]).group(1))
         if re.search(r"Non-2xx or 3xx responses: (\d+)", out[name]):
             sys.exit(f"{name}: non-2xx answers:\n{out[name]}")
-        got[name] = (requests / seconds, 1000 * (_cpu_s(proc.pid) - before[name]) / requests)
+        # Backends opened during the round count from zero; those closed during it are lost.
+        pg_s = sum(cpu - pg_before[name].get(pid, 0.0) for pid, cpu in pg_after[name].items())
+        got[name] = (requests / seconds, 1000 * (_cpu_s(proc.pid) - before[name]) / requests,
+                     1000 * pg_s / requests)
     return got
 
 

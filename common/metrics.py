@@ -35,6 +35,9 @@ HTTP_LATENCY = Histogram("wallet_http_request_duration_seconds", "Time to answer
                          ["method", "route"], buckets=_LATENCY_BUCKETS)
 PAYMENTS_ACCEPTED = Counter("wallet_payments_accepted", "Payments recorded as pending by the API",
                             ["kind"])  # single | batch | atomic_batch
+ACCEPT_GROUP_PAYMENTS = Histogram(
+    "wallet_accept_group_payments", "Payments recorded by one accepting INSERT (group commit, common.group_commit)",
+    ["kind"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))  # single
 # Every metric has a label, so no value exists before `configure` chose where values live.
 PAYMENTS_COMPLETED = Counter("wallet_payments_completed", "Payments applied by a worker", ["task"])
 PAYMENTS_FAILED = Counter("wallet_payments_failed", "Payments failed by a worker, by failure code",

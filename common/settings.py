@@ -70,6 +70,9 @@ class Settings:
     # connections are opened and closed as they are needed, a new PostgreSQL backend each time
     # (12 of them in 8 s of `uniform` with 12 threads and a pool of 12, none at 14; bench/NOTES.md
     # 2026-12-02 midnight). 20 threads + the recount + one spare.
+    # Most single payments one accepting INSERT records (common.group_commit): those a process's
+    # threads accept while the previous INSERT is in flight share the next one. 1: each alone.
+    accept_group_max: int = 32
     db_pool_size: int = 22
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
@@ -126,6 +129,7 @@ class Settings:
             max_pending=num("WALLET_MAX_PENDING", d.max_pending),
             admission_wait_ms=num("WALLET_ADMISSION_WAIT_MS", d.admission_wait_ms, float),
             admission_max_waiting=num("WALLET_ADMISSION_MAX_WAITING", d.admission_max_waiting),
+            accept_group_max=num("WALLET_ACCEPT_GROUP_MAX", d.accept_group_max),
             db_pool_size=num("WALLET_DB_POOL_SIZE", d.db_pool_size),
             db_max_overflow=num("WALLET_DB_MAX_OVERFLOW", d.db_max_overflow),
             db_statement_timeout_ms=num("WALLET_DB_STATEMENT_TIMEOUT_MS", d.db_statement_timeout_ms),
@@ -150,6 +154,8 @@ class Settings:
             raise ValueError("WALLET_QUEUES must be between 1 and 1024")
         if not 1 <= self.max_batch_items <= 10_000:
             raise ValueError("WALLET_MAX_BATCH_ITEMS must be between 1 and 10000")
+        if not 1 <= self.accept_group_max <= 1000:
+            raise ValueError("WALLET_ACCEPT_GROUP_MAX must be between 1 and 1000")
         if self.publish_timeout_ms <= 0:
             raise ValueError("WALLET_PUBLISH_TIMEOUT_MS must be positive")
         if self.max_pending < 0:

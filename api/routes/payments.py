@@ -32,7 +32,8 @@ def create_payment():
     w = wallet()
     key = idempotency_key("payment", lambda: req.canonical(ledger.check_payment(w.currencies, req)))
     replay = admit_new_work([req], key, "payment", queries.get_payment)
-    row, created = (replay, False) if replay else ledger.accept_payment(w.db, w.currencies, req, key)
+    row, created = (replay, False) if replay else ledger.accept_payment(
+        w.db, w.currencies, req, key, together=w.single_inserts)
     if created:  # a replay was sent when first created; if that was lost, the sweeper sends it
         metrics.PAYMENTS_ACCEPTED.labels("single").inc()
         w.dispatcher.submit([(row["id"], row["buyer_account_id"], row["seller_account_id"])])

@@ -19,7 +19,7 @@ nothing else writes balances.
 """
 from common.ledger.accepting import (
     PAYMENT_COLUMNS, PaymentRequest, accept_payment, batch_refused, check_payment, check_payments,
-    payment_problems, submit_batch, submit_payment, submit_payments,
+    payment_problems, single_inserts, submit_batch, submit_payment, submit_payments,
 )
 from common.ledger.accounts import create_account, issuance_account_id, open_account, set_account_status
 from common.ledger.applying import Outcome, apply_as_one_set, apply_atomic_batch, apply_payments
@@ -39,6 +39,6 @@ __all__ = [
     "create_account", "expire_authorizations", "fail_payments", "idempotent", "issuance_account_id",
     "open_account", "parse_amount", "payment_problems", "reconcile", "record_batch_finished",
     "record_payment_events", "refund_payment", "replayed",
-    "set_account_status", "submit_batch",
+    "set_account_status", "single_inserts", "submit_batch",
     "submit_payment", "submit_payments",
 ]
