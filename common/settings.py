@@ -77,6 +77,11 @@ class Settings:
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
     worker_concurrency: int = 2
+    # Niceness added to Celery worker processes (0-19): where API and workers share the CPU, a
+    # request thread runs before a worker's apply, so acceptance latency holds up under load
+    # while the applying, which clients do not wait on, takes what is left (bench/NOTES.md,
+    # 2026-12-03 midday). Between containers the scheduler shares CPU by cgroup: use CPU weights.
+    worker_nice: int = 5
     # gunicorn (read by ./gunicorn.conf.py): threads overlap the requests' database round trips.
     # 20 rather than 12: a batch that waits for admission holds a thread, and with 12 (10 waiters)
     # the bench's 32 clients were refused 1,470-2,790 times a run; with 20, 460-1,280 times and
@@ -134,6 +139,7 @@ class Settings:
             db_max_overflow=num("WALLET_DB_MAX_OVERFLOW", d.db_max_overflow),
             db_statement_timeout_ms=num("WALLET_DB_STATEMENT_TIMEOUT_MS", d.db_statement_timeout_ms),
             worker_concurrency=num("WALLET_WORKER_CONCURRENCY", d.worker_concurrency),
+            worker_nice=num("WALLET_WORKER_NICE", d.worker_nice),
             web_workers=num("WEB_CONCURRENCY", d.web_workers),
             web_threads=num("WALLET_WEB_THREADS", d.web_threads),
             web_timeout_seconds=num("WALLET_WEB_TIMEOUT_SECONDS", d.web_timeout_seconds),
@@ -154,6 +160,8 @@ class Settings:
             raise ValueError("WALLET_QUEUES must be between 1 and 1024")
         if not 1 <= self.max_batch_items <= 10_000:
             raise ValueError("WALLET_MAX_BATCH_ITEMS must be between 1 and 10000")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError("WALLET_WORKER_NICE must be between 0 and 19")
         if not 1 <= self.accept_group_max <= 1000:
             raise ValueError("WALLET_ACCEPT_GROUP_MAX must be between 1 and 1000")
         if self.publish_timeout_ms <= 0:

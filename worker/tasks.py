@@ -30,6 +30,12 @@ payment_log = get_logger("wallet.worker")
 metrics.configure(get_settings())
 
 
+@signals.worker_init.connect
+def _lower_priority(**_):
+    # In the worker's main process, before it forks its pool: the children inherit it.
+    os.nice(get_settings().worker_nice)
+
+
 @signals.worker_process_init.connect
 def _freeze_startup_objects(**_):
     # As gunicorn.conf.py's post_worker_init: a full garbage collection over the ~100,000 objects

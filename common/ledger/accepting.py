@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 
 from common import metrics, money, pgarray
 from common.db import Database, Prepared
-from common.group_commit import GroupCommit
 from common.errors import CurrencyMismatch, SameAccount, UnknownAccount, UnknownCurrency, ValidationFailed, WalletError
+from common.group_commit import GroupCommit
 from common.ledger.currencies import WIDEST_CURRENCY, Currencies, parse_amount
 from common.ledger.directory import AccountDirectory
 from common.ledger.idempotency import IdempotencyKey, idempotent
