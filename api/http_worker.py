@@ -21,6 +21,13 @@ one connection's requests are still served one after another, and a queued conne
 most one request (or `LINGER_SLICE_S`) more than in gthread. A stopping worker (`alive` false,
 max_requests included) lets go after the request in hand.
 
+A process that already holds a connection for each of its long waits (`_long_linger_slots`)
+accepts a new one only after `ACCEPT_DEFER_S`: gunicorn's processes share one listening socket
+and whichever wakes first takes the connection, so 32 connections opened at once were seen split
+0 / 32, 4 / 28 and 8 / 24 between two processes, the one holding them all bound by its own GIL
+while the other idled (bench/NOTES.md, 2026-12-03 midday). A sibling with room takes it
+meanwhile; if none does, this process takes it after the pause.
+
 It also sends each response's head and body in one `send` instead of two (gunicorn writes the
 head as soon as the body's first chunk is due): one TCP segment, and one wake-up of the client,
 fewer per response; ~0.04-0.07 ms less of an API process's CPU a request (bench/NOTES.md,
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import select
 import threading
+import time
 
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -47,6 +55,8 @@ LINGER_RESERVE_SHARE = 0.2
 # main thread: a client that sends now and then would otherwise cost a thread wake-up (and a
 # GIL hand-off) per request for nothing.
 SKIP_AFTER_IN_VAIN = 8
+# How long a process with no long wait to spare leaves a new connection to its siblings.
+ACCEPT_DEFER_S = 0.005
 
 
 class Worker(ThreadWorker):
@@ -62,6 +72,13 @@ class Worker(ThreadWorker):
     def _long_linger_slots_for(cfg) -> int:
         threads = cfg.threads
         return threads - max(1, round(threads * LINGER_RESERVE_SHARE))
+
+    def accept(self, listener):
+        if self.nr_conns >= max(1, self._long_linger_slots):
+            # In the main thread: its selector waits too, for no longer than a request's
+            # network round trip; it happens only while connections are being opened.
+            time.sleep(ACCEPT_DEFER_S)
+        super().accept(listener)  # a connection a sibling took meanwhile is EAGAIN, ignored
 
     def enqueue_req(self, conn):
         with self._queued_lock:

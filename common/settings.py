@@ -80,7 +80,8 @@ class Settings:
     # Niceness added to Celery worker processes (0-19): where API and workers share the CPU, a
     # request thread runs before a worker's apply, so acceptance latency holds up under load
     # while the applying, which clients do not wait on, takes what is left (bench/NOTES.md,
-    # 2026-12-03 midday). Between containers the scheduler shares CPU by cgroup: use CPU weights.
+    # 2026-12-03 midday). Between containers the scheduler shares CPU by cgroup: the compose files
+    # give the workers half the CPU weight instead (cpu_shares).
     worker_nice: int = 5
     # gunicorn (read by ./gunicorn.conf.py): threads overlap the requests' database round trips.
     # 20 rather than 12: a batch that waits for admission holds a thread, and with 12 (10 waiters)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import httpx
 import pytest
 
-from api.http_worker import Worker, _HeadWithBody
+from api.http_worker import ACCEPT_DEFER_S, Worker, _HeadWithBody, _readable
+from scripts.procs import wait_until
 from tests.support import processes
 
 pytestmark = pytest.mark.processes  # the unit tests of _HeadWithBody below need none, but are few
@@ -229,3 +231,65 @@ def test_a_one_thread_worker_never_waits_long():
         cfg = Config()
         cfg.set("threads", threads)
         assert Worker._long_linger_slots_for(cfg) == slots
+
+
+# Accepting: gunicorn's processes share one listening socket. A process that holds a connection
+# for each of its long waits leaves a new one to a sibling for ACCEPT_DEFER_S.
+
+@pytest.fixture
+def listener():
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def _accepting_worker(connections: int, slots: int):
+    worker = _lingering_worker(slots)
+    worker.cfg = None
+    worker.nr_conns = connections
+    worker.enqueued = []
+    worker.enqueue_req = worker.enqueued.append
+    return worker
+
+
+def _sibling_accepts(listener, taken: list, after_s: float) -> threading.Thread:
+    """Another process of the same server: it starts looking `after_s` from now (less than
+    ACCEPT_DEFER_S) and takes the first connection it finds."""
+    def take():
+        time.sleep(after_s)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                time.sleep(0.0005)
+                continue
+            taken.append(conn)
+            return
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("connections, taken_here", [(2, 1), (3, 0)])
+def test_a_process_without_a_long_wait_to_spare_leaves_a_new_connection_to_a_sibling(
+        listener, connections, taken_here):
+    """3 long-wait slots: with 2 connections the process takes the new one at once, before the
+    sibling looks; with 3 it waits ACCEPT_DEFER_S, and the sibling, looking after 1 ms, takes it."""
+    assert ACCEPT_DEFER_S > 0.003
+    worker = _accepting_worker(connections, slots=3)
+    client = socket.create_connection(listener.getsockname())
+    taken: list = []
+    try:
+        wait_until(lambda: _readable(listener, 0), 5, "the connection to be pending")
+        sibling = _sibling_accepts(listener, taken, after_s=0.001)
+        worker.accept(listener)
+        if taken_here:
+            socket.create_connection(listener.getsockname()).close()  # lets the sibling finish
+        sibling.join(5)
+        assert len(worker.enqueued) == taken_here
+        assert worker.nr_conns == connections + taken_here
+    finally:
+        client.close()
+        for conn in [*taken, *(c.sock for c in worker.enqueued)]:
+            conn.close()
