@@ -66,13 +66,13 @@ class Settings:
     # says Retry-After: 1, so a client loses no time waiting as long.
     admission_wait_ms: float = 1000.0
     admission_max_waiting: int | None = None
+    # Most single payments one accepting INSERT records (common.group_commit): those a process's
+    # threads accept while the previous INSERT is in flight share the next one. 1: each alone.
+    accept_group_max: int = 32
     # At least web_threads + 1 (admission's recount has a thread of its own): beyond the pool,
     # connections are opened and closed as they are needed, a new PostgreSQL backend each time
     # (12 of them in 8 s of `uniform` with 12 threads and a pool of 12, none at 14; bench/NOTES.md
     # 2026-12-02 midnight). 20 threads + the recount + one spare.
-    # Most single payments one accepting INSERT records (common.group_commit): those a process's
-    # threads accept while the previous INSERT is in flight share the next one. 1: each alone.
-    accept_group_max: int = 32
     db_pool_size: int = 22
     db_max_overflow: int = 5
     db_statement_timeout_ms: int = 30_000
